@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh Debian machine and run the whole suite, twice:
+# against the newest SQLAlchemy 2.1 and the newest 2.0.
+#
+#   bash scripts/test.sh            # everything
+#   bash scripts/test.sh -k outage  # extra arguments go to pytest
+#
+# Installs (as root, when missing): PostgreSQL server and PgBouncer from Debian.
+# Creates .venv (SQLAlchemy 2.1) and .venv-sa20 (SQLAlchemy 2.0) with the package and its extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+EXTRAS="asyncpg,psycopg,test"
+
+need_apt=()
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  need_apt+=(postgresql postgresql-client)
+fi
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  need_apt+=(pgbouncer)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "== installing ${need_apt[*]} from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Debian's package starts a cluster on 5432; the suite runs its own servers.
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+      pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
+        pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
+      done
+    fi
+    service pgbouncer stop >/dev/null 2>&1 || true
+  else
+    echo "missing system packages: ${need_apt[*]} (run as root, or install them)" >&2
+    exit 1
+  fi
+fi
+
+setup_venv() {  # $1 = venv dir, $2 = SQLAlchemy requirement
+  local venv=$1 sqla=$2
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "== creating $venv"
+    "$PYTHON" -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -m pip install -q -e ".[$EXTRAS]" "$sqla" 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -c "import sqlalchemy, fault_tolerant_pool; print('   SQLAlchemy', sqlalchemy.__version__)"
+}
+
+setup_venv .venv "SQLAlchemy[asyncio]>=2.1,<2.2"
+setup_venv .venv-sa20 "SQLAlchemy[asyncio]>=2.0,<2.1"
+
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy --strict"
+.venv/bin/mypy
+
+echo "== pytest, SQLAlchemy 2.1"
+.venv/bin/python -m pytest "$@"
+echo "== pytest, SQLAlchemy 2.0"
+.venv-sa20/bin/python -m pytest "$@"

@@ -1,0 +1,184 @@
+"""The retry loop with a fake creator, a fake clock and a fake sleep: no database, no sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+from typing import Any
+
+import pytest
+
+from fault_tolerant_pool.connector import RetryingConnector
+from fault_tolerant_pool.errors import ConnectRetriesExhausted
+from fault_tolerant_pool.policy import RetryPolicy
+from fault_tolerant_pool.stats import ConnectCounters
+
+
+class FakeDBAPI(types.SimpleNamespace):
+    class Error(Exception):
+        sqlstate: str | None = None
+
+    class OperationalError(Error):
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def flaky(failures: list[BaseException], clock: Clock, cost: float = 0.001) -> Any:
+    """A creator that raises the given errors in turn, then returns a connection."""
+    pending = list(failures)
+
+    def creator(record: Any) -> Any:
+        clock.now += cost
+        if pending:
+            raise pending.pop(0)
+        return "connection"
+
+    return creator
+
+
+def make(creator: Any, clock: Clock, counters: ConnectCounters, **policy: Any) -> RetryingConnector:
+    return RetryingConnector(
+        creator,
+        RetryPolicy(**policy),
+        counters,
+        sleep=clock.sleep,
+        dbapi=lambda: FakeDBAPI,
+        clock=clock,
+        random=lambda: 0.5,
+    )
+
+
+def refused() -> ConnectionRefusedError:
+    return ConnectionRefusedError(111, "Connection refused")
+
+
+def test_success_after_transient_failures() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused(), refused()], clock), clock, counters)
+    assert connect(None) == "connection"
+    assert clock.sleeps == [pytest.approx(0.025), pytest.approx(0.05)]
+    snap = counters.snapshot(0, 0, 0, 0)
+    assert (snap.connects, snap.attempts, snap.failed_attempts, snap.give_ups) == (1, 3, 2, 0)
+    assert snap.last_error is not None and snap.last_error.error_class == "ConnectionRefusedError"
+
+
+def test_gives_up_at_the_deadline_with_an_operational_error() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused()] * 1000, clock), clock, counters, deadline=2.0, max_delay=0.5)
+    with pytest.raises(FakeDBAPI.OperationalError) as info:
+        connect(None)
+    error = info.value
+    assert isinstance(error, ConnectRetriesExhausted)
+    assert isinstance(error.__cause__, ConnectionRefusedError)
+    assert error.transient is True
+    assert error.attempts == counters.failed_attempts
+    assert 2.0 <= error.elapsed <= 2.01
+    assert sum(clock.sleeps) <= 2.0
+    assert f"after {error.attempts} attempts" in str(error)
+    assert "ConnectionRefusedError" in str(error)
+    assert counters.give_ups == 1
+
+
+def test_attempts_bound() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused()] * 10, clock), clock, counters, attempts=3)
+    with pytest.raises(ConnectRetriesExhausted):
+        connect(None)
+    assert counters.attempts == 3 and len(clock.sleeps) == 2
+
+
+def test_permanent_error_fails_on_the_first_attempt() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    auth = FakeDBAPI.OperationalError("password authentication failed for user \"app\"")
+    auth.sqlstate = "28P01"
+    connect = make(flaky([auth], clock), clock, counters)
+    with pytest.raises(ConnectRetriesExhausted) as info:
+        connect(None)
+    assert info.value.transient is False
+    assert info.value.attempts == 1
+    assert getattr(info.value, "sqlstate", None) == "28P01"
+    assert clock.sleeps == []
+
+
+def test_a_bug_in_the_creator_is_not_disguised() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([TypeError("bad connect_args")], clock), clock, counters)
+    with pytest.raises(TypeError, match="bad connect_args"):
+        connect(None)
+    assert counters.give_ups == 1
+
+
+@pytest.mark.parametrize("cancel", [asyncio.CancelledError(), KeyboardInterrupt()])
+def test_cancellation_propagates_unchanged_and_is_not_counted(cancel: BaseException) -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused(), cancel], clock), clock, counters)
+    with pytest.raises(type(cancel)) as info:
+        connect(None)
+    assert info.value is cancel
+    assert counters.failed_attempts == 1 and counters.give_ups == 0
+
+
+def test_cancellation_during_the_sleep_propagates() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused()], clock), clock, counters)
+
+    def cancelled_sleep(seconds: float) -> None:
+        raise asyncio.CancelledError
+
+    connect.sleep = cancelled_sleep
+    with pytest.raises(asyncio.CancelledError):
+        connect(None)
+
+
+def test_user_classifier_overrides_the_table() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([ValueError("flaky proxy")], clock), clock, counters)
+    connect.classifier = lambda exc: True if isinstance(exc, ValueError) else None
+    assert connect(None) == "connection"
+    connect.classifier = lambda exc: False
+    connect.creator = flaky([refused()], clock)
+    with pytest.raises(ConnectRetriesExhausted):
+        connect(None)
+
+
+def test_each_failed_attempt_is_logged_once_and_the_give_up_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused()] * 3, clock), clock, counters, attempts=3)
+    with caplog.at_level(logging.WARNING, logger="fault_tolerant_pool.retry"), pytest.raises(
+        ConnectRetriesExhausted
+    ):
+        connect(None)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert messages[0].startswith("connect attempt 1 failed (ConnectionRefusedError")
+    assert "retrying in 0.025s" in messages[0]
+    assert "failed for good after 3 attempt(s)" in messages[2]
+
+
+def test_secrets_are_scrubbed_from_logs_and_errors(caplog: pytest.LogCaptureFixture) -> None:
+    clock, counters = Clock(), ConnectCounters()
+    leaky = ConnectionRefusedError(
+        111, "refused for postgresql://app:hunter2@db/x password=hunter2 token s3cr3t"
+    )
+    connect = make(flaky([leaky] * 2, clock), clock, counters, attempts=2)
+    connect.secrets = lambda: ("s3cr3t",)
+    with caplog.at_level(logging.WARNING), pytest.raises(ConnectRetriesExhausted) as info:
+        connect(None)
+    text = str(info.value) + " ".join(r.getMessage() for r in caplog.records)
+    assert "hunter2" not in text and "s3cr3t" not in text
+    assert "app:***@db" in text
