@@ -57,6 +57,7 @@ TRANSIENT_GAI_ERRORS: frozenset[int] = frozenset({socket.EAI_AGAIN})
 #: Checked before the transient ones: every libpq text starts "connection ... failed".
 PERMANENT_MESSAGES: tuple[tuple[str, str | None], ...] = (
     ("password authentication failed", "28P01"),
+    ("sasl authentication failed", "28P01"),  # PgBouncer's word for a wrong password
     ("no password supplied", "28000"),
     ("no pg_hba.conf entry", "28000"),
     ("fatal:  database \"", "3D000"),  # database "x" does not exist

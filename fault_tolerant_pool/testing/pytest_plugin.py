@@ -1,0 +1,100 @@
+"""Pytest fixtures for real PostgreSQL, PgBouncer and fault-proxy tests (entry point ``pytest11``).
+
+The plugin loads in every project that installs this package, so it imports nothing but pytest
+until a test asks for one of its fixtures. When the server binaries are missing a test is skipped,
+except in CI (``CI=true``), where it fails: a suite must not go green by skipping everything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+
+if TYPE_CHECKING:
+    from .bouncer import PgBouncer
+    from .proxy import FaultProxy
+    from .server import PostgresServer
+
+_T = TypeVar("_T")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _require(make: Callable[[], _T]) -> _T:
+    """Build a test resource; skip (or, in CI, fail) the test if its binaries are missing."""
+    from .server import ServerUnavailable
+
+    try:
+        return make()
+    except ServerUnavailable as exc:
+        if _in_ci():
+            pytest.fail(f"{exc} (CI is set, so this fails instead of skipping)", pytrace=False)
+        pytest.skip(str(exc))
+
+
+def _new_server() -> PostgresServer:
+    from .server import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except BaseException:
+        server.destroy()
+        raise
+    return server
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PostgresServer]:
+    """A fresh, running PostgreSQL for this test alone (superuser ``postgres``), destroyed after."""
+    server = _require(_new_server)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server_session() -> Iterator[PostgresServer]:
+    """One running PostgreSQL shared by the whole session: do not stop it or break it."""
+    server = _require(_new_server)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
+    """A :class:`FaultProxy` in front of ``pg_server``; connect with ``pg_server.url(port=...)``."""
+    from .proxy import FaultProxy
+
+    with FaultProxy(pg_server.host, pg_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def pgbouncer(pg_server: PostgresServer) -> Iterator[PgBouncer]:
+    """A running PgBouncer (transaction mode) in front of ``pg_server``, destroyed after."""
+
+    def make() -> PgBouncer:
+        from .bouncer import PgBouncer
+
+        bouncer = PgBouncer(pg_server)
+        try:
+            bouncer.start()
+        except BaseException:
+            bouncer.destroy()
+            raise
+        return bouncer
+
+    bouncer = _require(make)
+    try:
+        yield bouncer
+    finally:
+        bouncer.destroy()
