@@ -23,7 +23,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.util import greenlet_spawn
 
 from fault_tolerant_pool import FaultTolerantQueuePool
-from fault_tolerant_pool.testing.server import PostgresServer
+from fault_tolerant_pool.testing import PostgresServer
 
 TASKS = 50
 CYCLES = 5000

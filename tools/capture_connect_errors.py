@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fault_tolerant_pool import FaultTolerantNullPool
-from fault_tolerant_pool.testing.server import PostgresServer
+from fault_tolerant_pool.testing import PostgresServer
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "connect_errors.json"
 
@@ -61,7 +61,9 @@ def capture(url: str, is_async: bool) -> list[dict[str, Any]]:
         seen.append(exc)
         return None
 
-    kw: dict[str, Any] = dict(poolclass=FaultTolerantNullPool, retry_attempts=1, retry_classifier=record)
+    kw: dict[str, Any] = {
+        "poolclass": FaultTolerantNullPool, "retry_attempts": 1, "retry_classifier": record
+    }
     if is_async:
         async def run() -> None:
             engine = create_async_engine(url, **kw)

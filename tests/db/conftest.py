@@ -1,4 +1,4 @@
-"""Fixtures for the database tests: a fresh real PostgreSQL per test (the plugin's ``pg_server``)."""
+"""Database tests: each gets a fresh real PostgreSQL from the plugin's ``pg_server``."""
 
 from __future__ import annotations
 

@@ -29,7 +29,9 @@ def rebuild_link(link: dict[str, Any]) -> BaseException:
     for part in link["qualname"].split("."):
         target = getattr(target, part)
     if issubclass(target, OSError):
-        return target(link["errno"], link["strerror"]) if link.get("errno") else target(link["message"])  # type: ignore[no-any-return]
+        if link.get("errno"):
+            return target(link["errno"], link["strerror"])  # type: ignore[no-any-return]
+        return target(link["message"])  # type: ignore[no-any-return]
     exc: BaseException = target(link["message"])
     if "sqlstate" in link and getattr(exc, "sqlstate", None) != link["sqlstate"]:
         exc.sqlstate = link["sqlstate"]  # type: ignore[attr-defined]

@@ -72,7 +72,10 @@ def test_stop_counts_a_permanent_failure() -> None:
         ({"retry_attempts": "5", "retry_deadline": "2.5"}, RetryPolicy(attempts=5, deadline=2.5)),
         ({"retry_attempts": "none"}, RetryPolicy(attempts=None)),
         ({"retry_attempts": None}, RetryPolicy(attempts=None)),
-        ({"retry_initial_delay": "0", "retry_max_delay": "0"}, RetryPolicy(initial_delay=0.0, max_delay=0.0)),
+        (
+            {"retry_initial_delay": "0", "retry_max_delay": "0"},
+            RetryPolicy(initial_delay=0.0, max_delay=0.0),
+        ),
     ],
 )
 def test_config_strings_are_coerced(arguments: dict[str, object], value: RetryPolicy) -> None:
