@@ -1,6 +1,6 @@
 """Classification of connect failures, on exceptions rebuilt from a table captured from the drivers.
 
-``tests/data/connect_errors.json`` was written by ``tools/capture_connect_errors.py`` from real
+``tests/data/connect_errors.json`` was written by ``python -m tests.db.capture`` from real
 failures of asyncpg and psycopg against a real server; ``tests/db/test_classify_live.py`` checks
 the live drivers still raise what the table says.
 """
