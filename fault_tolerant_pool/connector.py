@@ -16,6 +16,10 @@ from .stats import ConnectCounters
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
 
+#: Packages whose exceptions are connection failures even when SQLAlchemy has not adapted them
+#: (SQLAlchemy 2.0 lets asyncpg's own errors reach the pool unwrapped).
+DRIVER_PACKAGES = frozenset({"asyncpg", "psycopg", "psycopg2"})
+
 Sleep = Callable[[float], None]
 Creator = Callable[[Any], Any]
 
@@ -101,8 +105,10 @@ class RetryingConnector:
         )
         dbapi = self.dbapi()
         dbapi_error = getattr(dbapi, "Error", None)
-        is_connect_failure = isinstance(error, OSError | asyncio.TimeoutError) or (
-            isinstance(dbapi_error, type) and isinstance(error, dbapi_error)
+        is_connect_failure = (
+            isinstance(error, OSError | asyncio.TimeoutError)
+            or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
+            or type(error).__module__.partition(".")[0] in DRIVER_PACKAGES
         )
         if not is_connect_failure:
             return error  # a bug or a bad argument, not a connection failure: keep it as it is

@@ -182,3 +182,15 @@ def test_secrets_are_scrubbed_from_logs_and_errors(caplog: pytest.LogCaptureFixt
     text = str(info.value) + " ".join(r.getMessage() for r in caplog.records)
     assert "hunter2" not in text and "s3cr3t" not in text
     assert "app:***@db" in text
+
+
+def test_a_raw_driver_error_is_wrapped_too() -> None:
+    """SQLAlchemy 2.0 lets asyncpg's own exceptions reach the pool unadapted."""
+    import asyncpg
+
+    clock, counters = Clock(), ConnectCounters()
+    raw = asyncpg.exceptions.InvalidPasswordError("password authentication failed")
+    connect = make(flaky([raw], clock), clock, counters)
+    with pytest.raises(FakeDBAPI.OperationalError) as info:
+        connect(None)
+    assert isinstance(info.value, ConnectRetriesExhausted) and info.value.__cause__ is raw
