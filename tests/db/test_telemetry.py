@@ -229,6 +229,7 @@ async def test_waits_and_pool_timeouts(pg_server_session: PostgresServer, flavou
 
     async def release_soon() -> None:
         await asyncio.sleep(0.15)
+        assert otel.value("db.client.connection.pending_requests") == 1  # the waiter
         await checkin(client, held)
 
     waiter = asyncio.ensure_future(checkout(client))

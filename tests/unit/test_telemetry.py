@@ -300,3 +300,16 @@ def test_pools_sharing_a_meter_provider_are_all_reported() -> None:
     assert otel.value(idle_max, metrics, db__client__connection__pool__name="b") == 9  # summed
     del engines
     otel.shutdown()
+
+
+def test_no_max_is_reported_for_an_unbounded_pool() -> None:
+    otel = Otel()
+    engine = sa.create_engine(
+        "postgresql+psycopg://u:pw@db/app", poolclass=FaultTolerantQueuePool, max_overflow=-1,
+        pool_size=3, **otel.engine_kw,
+    )  # fmt: skip
+    metrics = otel.metrics()
+    assert "db.client.connection.max" not in metrics
+    assert otel.value("db.client.connection.idle.max", metrics) == 3
+    engine.dispose()
+    otel.shutdown()
