@@ -27,6 +27,7 @@ from fault_tolerant_pool.telemetry import (
     CHECKOUT_SPAN,
     CHECKOUT_WAITED,
     CONNECT_SPAN,
+    DURATION_BUCKETS,
 )
 from fault_tolerant_pool.testing import FaultProxy, PostgresServer
 from tests.otel import Otel
@@ -124,6 +125,9 @@ async def test_names_kinds_units_and_attributes(
         "fault_tolerant_pool.connect.failed_attempts",
         "fault_tolerant_pool.connect.give_ups",
     } | ({"db.client.connection.max"} if poolclass is FaultTolerantNullPool else set())
+    for histogram in ("create_time", "wait_time", "use_time"):
+        (point,) = metrics[f"db.client.connection.{histogram}"].data.data_points
+        assert tuple(point.explicit_bounds) == DURATION_BUCKETS  # seconds, not the ms default
     value = otel.value
     assert value("db.client.connection.create_time", metrics) == creates
     assert value("db.client.connection.wait_time", metrics) == 2
