@@ -257,7 +257,39 @@ async def test_waits_and_pool_timeouts(pg_server_session: PostgresServer, flavou
     (timed_out,) = otel.spans(CHECKOUT_SPAN)
     assert timed_out.status.status_code is StatusCode.ERROR
     assert (timed_out.attributes or {})["error.type"] == "TimeoutError"
+    if client.async_engine is not None:  # a waiter cancelled: no pending request left behind
+        otel.clear_spans()
+        cancelled = asyncio.ensure_future(checkout(client))
+        await asyncio.sleep(0.1)
+        assert otel.value("db.client.connection.pending_requests") == 1
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert otel.value("db.client.connection.pending_requests") == 0
+        (span,) = otel.spans(CHECKOUT_SPAN)
+        assert (span.attributes or {})["error.type"] == "CancelledError"
     await checkin(client, waiter.result())
+    await client.dispose()
+    otel.shutdown()
+
+
+@flavours
+async def test_a_reconnect_after_a_failed_pre_ping_is_traced(
+    pg_server: PostgresServer, flavour: str
+) -> None:
+    otel = Otel()
+    client = Client(pg_server.url(flavour), flavour, poolclass=FaultTolerantQueuePool,
+                    pool_pre_ping=True, **otel.engine_kw)  # fmt: skip
+    assert await client.scalar() == 1
+    assert pg_server.terminate_backends() == 1
+    otel.clear_spans()
+    assert await client.scalar() == 1  # the pooled connection is dead: pre-ping, reconnect
+    (checkout_span,) = otel.spans(CHECKOUT_SPAN)
+    (connect_span,) = otel.spans(CONNECT_SPAN)
+    attributes = checkout_span.attributes or {}
+    assert (attributes[CHECKOUT_WAITED], attributes[CHECKOUT_CONNECTED]) == (False, True)
+    assert parent_of(connect_span, otel.spans()) is checkout_span
+    assert otel.value("db.client.connection.create_time") == 2
     await client.dispose()
     otel.shutdown()
 
