@@ -13,6 +13,7 @@ from .classify import Classifier, Verdict, classify_with
 from .errors import exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
+from .telemetry import PoolTelemetry, disabled
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
 
@@ -43,6 +44,7 @@ class RetryingConnector:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         secrets: Callable[[], tuple[str, ...]] = tuple,
+        telemetry: PoolTelemetry | None = None,
     ) -> None:
         self.creator = creator
         self.policy = policy
@@ -53,31 +55,40 @@ class RetryingConnector:
         self.clock = clock
         self.random = random
         self.secrets = secrets
+        self.telemetry = telemetry if telemetry is not None else disabled()
 
     def __call__(self, record: Any) -> Any:
-        backoff = Backoff(self.policy, self.clock())
-        while True:
-            try:
-                connection = self.creator(record)
-            except Exception as error:  # BaseException (cancellation) propagates untouched
-                verdict = classify_with(self.classifier, error)
-                self.counters.attempt_failed(verdict.error_type, verdict.sqlstate)
-                now = self.clock()
-                if verdict.transient:
-                    delay = backoff.next_delay(now, self.random)
+        with self.telemetry.connect() as trace:  # one span around every attempt and backoff
+            backoff = Backoff(self.policy, self.clock())
+            while True:
+                started = self.clock()
+                try:
+                    connection = self.creator(record)
+                except Exception as error:  # BaseException (cancellation) propagates untouched
+                    verdict = classify_with(self.classifier, error)
+                    self.counters.attempt_failed(verdict.error_type, verdict.sqlstate)
+                    now = self.clock()
+                    if verdict.transient:
+                        delay = backoff.next_delay(now, self.random)
+                    else:
+                        backoff.stop()
+                        delay = None
+                    trace.attempt_failed(
+                        error, verdict, duration=now - started, backoff=delay,
+                        secrets=self.secrets(),
+                    )  # fmt: skip
+                    if delay is None:
+                        trace.gave_up(verdict, error)
+                        failure = self._give_up(error, verdict, backoff, now)
+                        if failure is error:
+                            raise
+                        raise failure from error
+                    self._log_attempt(error, verdict, backoff.failures, delay)
+                    self.sleep(delay)
                 else:
-                    backoff.stop()
-                    delay = None
-                if delay is None:
-                    failure = self._give_up(error, verdict, backoff, now)
-                    if failure is error:
-                        raise
-                    raise failure from error
-                self._log_attempt(error, verdict, backoff.failures, delay)
-                self.sleep(delay)
-            else:
-                self.counters.connected()
-                return connection
+                    self.counters.connected()
+                    trace.connected(backoff.elapsed(self.clock()))
+                    return connection
 
     def _log_attempt(self, error: Exception, verdict: Verdict, attempt: int, delay: float) -> None:
         if logger.isEnabledFor(logging.WARNING):

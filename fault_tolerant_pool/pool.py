@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
-from sqlalchemy.pool.base import ConnectionPoolEntry
+from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from .classify import Classifier
 from .connector import RetryingConnector
+from .endpoint import connect_arguments, endpoint_of, password_of
 from .policy import (
     DEFAULT_ATTEMPTS,
     DEFAULT_DEADLINE,
@@ -28,6 +29,7 @@ from .policy import (
     RetryPolicy,
 )
 from .stats import ConnectCounters, PoolStats
+from .telemetry import PoolTelemetry
 
 
 @dataclass(frozen=True)
@@ -35,17 +37,23 @@ class FaultTolerance:
     """Everything a fault-tolerant pool adds to SQLAlchemy's; carried over by ``recreate()``."""
 
     policy: RetryPolicy
+    telemetry: PoolTelemetry
     classifier: Classifier | None = None
     counters: ConnectCounters = field(default_factory=ConnectCounters, compare=False)
 
     @classmethod
     def from_arguments(
         cls,
+        creator: Any,
+        dialect: Any,
         retry_attempts: Any,
         retry_deadline: Any,
         retry_initial_delay: Any,
         retry_max_delay: Any,
         retry_classifier: Any,
+        pool_name: Any,
+        tracer_provider: Any,
+        meter_provider: Any,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             from sqlalchemy.exc import ArgumentError
@@ -56,7 +64,16 @@ class FaultTolerance:
         policy = RetryPolicy.from_arguments(
             retry_attempts, retry_deadline, retry_initial_delay, retry_max_delay
         )
-        return cls(policy, retry_classifier)
+        arguments = connect_arguments(creator)
+        telemetry = PoolTelemetry.from_arguments(
+            endpoint=endpoint_of(arguments),
+            system=getattr(dialect, "name", None) or "postgresql",
+            pool_name=pool_name,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            secrets=lambda: password_of(arguments),
+        )
+        return cls(policy, telemetry, retry_classifier)
 
 
 def _async_sleep(seconds: float) -> None:
@@ -65,14 +82,16 @@ def _async_sleep(seconds: float) -> None:
 
 
 class _FaultTolerantPool(Pool):
-    """What both pool classes share: the wrapped creator and the stats snapshot."""
+    """What both pool classes share: the wrapped creator, the measured checkout, the stats."""
 
     _fault_tolerance: FaultTolerance
+    _telemetry: PoolTelemetry
 
     def _init_fault_tolerance(
         self, fault_tolerance: FaultTolerance | None, **arguments: Any
     ) -> None:
         self._fault_tolerance = fault_tolerance or FaultTolerance.from_arguments(**arguments)
+        self._telemetry = self._fault_tolerance.telemetry
 
     def _should_wrap_creator(self, creator: Any) -> Any:
         ft = self._fault_tolerance
@@ -83,7 +102,31 @@ class _FaultTolerantPool(Pool):
             sleep=self._backoff_sleep,
             dbapi=self._loaded_dbapi,
             classifier=ft.classifier,
+            telemetry=ft.telemetry,
         )
+
+    def connect(self) -> PoolProxiedConnection:
+        """SQLAlchemy's checkout, measured: wait time, pending requests, timeouts, slow spans."""
+        token = self._telemetry.checkout_started(self._would_wait())
+        try:
+            connection = super().connect()
+        except BaseException as error:
+            self._telemetry.checkout_failed(token, error)
+            raise
+        self._telemetry.checked_out(token, connection)
+        return connection
+
+    def _return_conn(self, record: ConnectionPoolEntry) -> None:
+        self._telemetry.checked_in(record)
+        super()._return_conn(record)
+
+    def _would_wait(self) -> bool:
+        """Whether a checkout now must wait for a slot (no idle connection, none may be opened)."""
+        return False
+
+    def _limits(self) -> tuple[int | None, int | None]:
+        """(most connections open at once, most idle connections kept); None: no limit."""
+        raise NotImplementedError
 
     def _backoff_sleep(self, seconds: float) -> None:
         if self._dialect.is_async:
@@ -127,18 +170,27 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         retry_initial_delay: float = DEFAULT_INITIAL_DELAY,
         retry_max_delay: float = DEFAULT_MAX_DELAY,
         retry_classifier: Classifier | None = None,
+        pool_name: str | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
         self._init_fault_tolerance(
             _fault_tolerance,
+            creator=creator,
+            dialect=kw.get("dialect"),
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
             retry_initial_delay=retry_initial_delay,
             retry_max_delay=retry_max_delay,
             retry_classifier=retry_classifier,
+            pool_name=pool_name,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
         )
         QueuePool.__init__(self, creator, **kw)
+        self._telemetry.bind(self)
 
     def recreate(self) -> FaultTolerantQueuePool:
         self.logger.info("Pool recreating")
@@ -161,6 +213,13 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
     def _gauges(self) -> tuple[int, int, int, int]:
         return self.size(), self.checkedin(), self.checkedout(), self.overflow()
 
+    def _would_wait(self) -> bool:
+        return -1 < self._max_overflow <= self._overflow and self._pool.empty()
+
+    def _limits(self) -> tuple[int | None, int | None]:
+        size = self._pool.maxsize
+        return (None if self._max_overflow < 0 else size + self._max_overflow), size
+
 
 class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool):
     """The asyncio flavour (asyncio queue); chosen for you by :class:`FaultTolerantQueuePool`."""
@@ -181,20 +240,29 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         retry_initial_delay: float = DEFAULT_INITIAL_DELAY,
         retry_max_delay: float = DEFAULT_MAX_DELAY,
         retry_classifier: Classifier | None = None,
+        pool_name: str | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
         self._init_fault_tolerance(
             _fault_tolerance,
+            creator=creator,
+            dialect=kw.get("dialect"),
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
             retry_initial_delay=retry_initial_delay,
             retry_max_delay=retry_max_delay,
             retry_classifier=retry_classifier,
+            pool_name=pool_name,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
         )
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
         NullPool.__init__(self, creator, **kw)
+        self._telemetry.bind(self)
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)
@@ -223,3 +291,6 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
 
     def _gauges(self) -> tuple[int, int, int, int]:
         return 0, 0, self._checked_out, 0
+
+    def _limits(self) -> tuple[int | None, int | None]:
+        return None, 0  # no limit on open connections; none is ever kept idle

@@ -1,0 +1,558 @@
+"""OpenTelemetry for the pools: spans for connects and slow checkouts, the conventions' metrics.
+
+- A span per physical connect (``fault_tolerant_pool.connect``, kind CLIENT) around the whole retry
+  sequence; each failed attempt is an event on it (``fault_tolerant_pool.attempt.failed``).
+- A span per checkout (``fault_tolerant_pool.checkout``) only when the caller waited for a slot or
+  a connection was created for it; the connect span is then its child.
+- The ``db.client.connection.*`` pool metrics of the semantic conventions, and the project's
+  ``fault_tolerant_pool.*`` extension metrics (see the README for the list).
+
+Only opentelemetry-api is used: without an SDK every call lands on a no-op. The gauges (counts,
+limits, pending requests) are observable instruments that read the pool when a reader collects, so
+a checkout does no metric work beyond two histogram records (wait time, use time).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar, Token
+from functools import lru_cache
+from types import TracebackType
+from typing import Any, Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from .classify import Verdict, classify, sqlstate_of
+from .endpoint import Endpoint
+from .errors import ConnectRetriesExhausted, one_line, redact
+
+INSTRUMENTATION_NAME = "fault_tolerant_pool"
+
+# -- names: the conventions' ----------------------------------------------------------------------
+
+DB_SYSTEM_NAME = "db.system.name"
+POOL_NAME = "db.client.connection.pool.name"
+CONNECTION_STATE = "db.client.connection.state"
+ERROR_TYPE = "error.type"
+EXCEPTION_TYPE = "exception.type"
+EXCEPTION_MESSAGE = "exception.message"
+
+CONNECTION_COUNT = "db.client.connection.count"
+CONNECTION_MAX = "db.client.connection.max"
+CONNECTION_IDLE_MAX = "db.client.connection.idle.max"
+PENDING_REQUESTS = "db.client.connection.pending_requests"
+TIMEOUTS = "db.client.connection.timeouts"
+CREATE_TIME = "db.client.connection.create_time"
+WAIT_TIME = "db.client.connection.wait_time"
+USE_TIME = "db.client.connection.use_time"
+
+# -- names: this project's (prefix ``fault_tolerant_pool.``) --------------------------------------
+
+CONNECT_SPAN = "fault_tolerant_pool.connect"
+CHECKOUT_SPAN = "fault_tolerant_pool.checkout"
+ATTEMPT_FAILED_EVENT = "fault_tolerant_pool.attempt.failed"
+
+ATTEMPT_COUNT = "fault_tolerant_pool.connect.attempt_count"
+ATTEMPT_NUMBER = "fault_tolerant_pool.attempt.number"
+ATTEMPT_DURATION = "fault_tolerant_pool.attempt.duration"
+ATTEMPT_BACKOFF = "fault_tolerant_pool.attempt.backoff"
+ATTEMPT_TRANSIENT = "fault_tolerant_pool.attempt.transient"
+CHECKOUT_WAITED = "fault_tolerant_pool.checkout.waited"
+CHECKOUT_CONNECTED = "fault_tolerant_pool.checkout.connected"
+RETIREMENT_REASON = "fault_tolerant_pool.retirement.reason"
+
+CONNECT_ATTEMPTS = "fault_tolerant_pool.connect.attempts"
+CONNECT_FAILED_ATTEMPTS = "fault_tolerant_pool.connect.failed_attempts"
+CONNECT_GIVE_UPS = "fault_tolerant_pool.connect.give_ups"
+CREDENTIAL_REFRESHES = "fault_tolerant_pool.credential.refreshes"
+RETIREMENTS = "fault_tolerant_pool.connection.retirements"
+
+#: Retirement reasons (the values of ``fault_tolerant_pool.retirement.reason``).
+RETIREMENT_REASONS = ("lifetime", "idle", "liveness")
+
+#: Histogram buckets in seconds: from an instant checkout (0.1 ms) to a long retry sequence.
+DURATION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class PoolGauges(Protocol):
+    """What the observable instruments read from a pool when a reader collects."""
+
+    def _gauges(self) -> tuple[int, int, int, int]:
+        """(size, checked in, checked out, overflow)."""
+
+    def _limits(self) -> tuple[int | None, int | None]:
+        """(most connections open at once, most idle connections kept); None: no limit."""
+
+
+@lru_cache(maxsize=1)
+def _version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("fault_tolerant_pool")
+    except Exception:
+        return None
+
+
+def verdict_error_type(verdict: Verdict) -> str:
+    """``error.type`` of a failed attempt: the SQLSTATE where there is one, else the class name.
+
+    For psycopg, which reports no SQLSTATE at connect time, it is the one its message stands for
+    (``08001`` for a refused connection, ``28P01`` for a wrong password): see classify.py.
+    """
+    return verdict.sqlstate or verdict.error_type
+
+
+def error_type(error: BaseException) -> str:
+    """``error.type`` of what a caller got: a give-up is typed by its last failed attempt."""
+    if isinstance(error, ConnectRetriesExhausted):
+        return verdict_error_type(classify(error.last_error))
+    return sqlstate_of(error) or type(error).__name__
+
+
+# -- the instruments of one meter, shared by every pool reporting through it ----------------------
+
+
+class _Instruments:
+    """The instruments of one meter. SDKs keep the first registration of a name and drop the
+    callbacks of any later one, so every pool using the meter shares these and its callbacks."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.pools: weakref.WeakSet[PoolTelemetry] = weakref.WeakSet()
+        counter, histogram = meter.create_counter, meter.create_histogram
+        self.timeouts = counter(
+            TIMEOUTS, "{timeout}",
+            "The number of connection timeouts that have occurred trying to obtain a connection "
+            "from the pool.",
+        )  # fmt: skip
+        self.create_time = histogram(
+            CREATE_TIME, "s", "The time it took to create a new connection.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )  # fmt: skip
+        self.wait_time = histogram(
+            WAIT_TIME, "s", "The time it took to obtain an open connection from the pool.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )  # fmt: skip
+        self.use_time = histogram(
+            USE_TIME, "s", "The time between borrowing a connection and returning it to the pool.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )  # fmt: skip
+        self.attempts = counter(
+            CONNECT_ATTEMPTS, "{attempt}", "Physical connect attempts, successful and failed."
+        )
+        self.failed_attempts = counter(
+            CONNECT_FAILED_ATTEMPTS, "{attempt}", "Connect attempts that failed, by error.type."
+        )
+        self.give_ups = counter(
+            CONNECT_GIVE_UPS, "{connect}",
+            "Connects that failed for good (retries exhausted or a permanent error), by "
+            "error.type.",
+        )  # fmt: skip
+        self.credential_refreshes = counter(
+            CREDENTIAL_REFRESHES, "{refresh}", "Times the pool fetched fresh credentials."
+        )
+        self.retirements = counter(
+            RETIREMENTS, "{connection}",
+            "Connections closed by the pool because of their lifetime, idle time or a failed "
+            "liveness check, by fault_tolerant_pool.retirement.reason.",
+        )  # fmt: skip
+        meter.create_observable_up_down_counter(
+            CONNECTION_COUNT, [self._observe_count], "{connection}",
+            "The number of connections that are currently in state described by the state "
+            "attribute.",
+        )  # fmt: skip
+        meter.create_observable_up_down_counter(
+            CONNECTION_MAX, [self._observe_max], "{connection}",
+            "The maximum number of open connections allowed.",
+        )  # fmt: skip
+        meter.create_observable_up_down_counter(
+            CONNECTION_IDLE_MAX, [self._observe_idle_max], "{connection}",
+            "The maximum number of idle open connections allowed.",
+        )  # fmt: skip
+        meter.create_observable_up_down_counter(
+            PENDING_REQUESTS, [self._observe_pending], "{request}",
+            "The number of current pending requests for an open connection.",
+        )  # fmt: skip
+
+    # Observable callbacks: run by the reader's collection, never on the checkout path. Pools that
+    # share a name are summed, so one name never yields two conflicting observations.
+
+    def _observe(
+        self, read: Callable[[PoolTelemetry], Iterable[tuple[str | None, int | None]]]
+    ) -> Iterator[Observation]:
+        totals: dict[tuple[str, str | None], int] = {}
+        for telemetry in list(self.pools):
+            for state, value in read(telemetry):
+                if value is not None:
+                    key = (telemetry.pool_name, state)
+                    totals[key] = totals.get(key, 0) + value
+        for (name, state), value in totals.items():
+            attributes = {POOL_NAME: name}
+            if state is not None:
+                attributes[CONNECTION_STATE] = state
+            yield Observation(value, attributes)
+
+    def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
+        def read(telemetry: PoolTelemetry) -> Iterable[tuple[str | None, int | None]]:
+            pool = telemetry.pool()
+            if pool is None:
+                return ()
+            _, idle, used, _ = pool._gauges()
+            return (("idle", idle), ("used", used))
+
+        return self._observe(read)
+
+    def _observe_max(self, options: CallbackOptions) -> Iterable[Observation]:
+        def read(telemetry: PoolTelemetry) -> Iterable[tuple[str | None, int | None]]:
+            pool = telemetry.pool()
+            return () if pool is None else ((None, pool._limits()[0]),)
+
+        return self._observe(read)
+
+    def _observe_idle_max(self, options: CallbackOptions) -> Iterable[Observation]:
+        def read(telemetry: PoolTelemetry) -> Iterable[tuple[str | None, int | None]]:
+            pool = telemetry.pool()
+            return () if pool is None else ((None, pool._limits()[1]),)
+
+        return self._observe(read)
+
+    def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe(lambda telemetry: ((None, telemetry.pending),))
+
+
+_GLOBAL = object()  # the registry key of the global meter provider
+_registry: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_global_instruments: _Instruments | None = None
+_registry_lock = threading.Lock()
+
+
+def _instruments_for(meter_provider: Any) -> _Instruments:
+    """The shared instruments of a meter provider (None: the global one, now or once it is set)."""
+    global _global_instruments
+    with _registry_lock:
+        global_provider = metrics.get_meter_provider()  # a proxy until the app sets one
+        if meter_provider is None or meter_provider is global_provider:
+            if _global_instruments is None:
+                _global_instruments = _Instruments(
+                    global_provider.get_meter(INSTRUMENTATION_NAME, _version())
+                )
+            return _global_instruments
+        instruments = _registry.get(meter_provider)
+        if instruments is None:
+            instruments = _Instruments(meter_provider.get_meter(INSTRUMENTATION_NAME, _version()))
+            _registry[meter_provider] = instruments
+        return instruments
+
+
+# -- one checkout in progress ---------------------------------------------------------------------
+
+
+class _Checkout:
+    """A checkout in progress; the connector finds it to parent its span under a checkout span."""
+
+    __slots__ = ("span", "started", "telemetry", "waits")
+
+    def __init__(self, telemetry: PoolTelemetry, started: float, waits: bool) -> None:
+        self.telemetry = telemetry
+        self.started = started
+        self.waits = waits
+        self.span: trace.Span | None = None
+
+
+_current_checkout: ContextVar[_Checkout | None] = ContextVar(
+    "fault_tolerant_pool.checkout", default=None
+)
+
+CheckoutToken = Token[_Checkout | None]
+_CHECKED_OUT_AT = "_fault_tolerant_pool_checked_out_at"
+
+
+def _wall_ns(perf_time: float) -> int:
+    """A ``time.perf_counter()`` reading as nanoseconds since the epoch (a span's start time)."""
+    return time.time_ns() - int((time.perf_counter() - perf_time) * 1e9)
+
+
+# -- the telemetry of one pool (and of every pool it is recreated as) -----------------------------
+
+
+class PoolTelemetry:
+    """Spans and metrics of one pool; survives ``engine.dispose()`` with the pool's settings."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Endpoint,
+        system: str = "postgresql",
+        pool_name: str | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        secrets: Callable[[], tuple[str, ...]] = tuple,
+    ) -> None:
+        self.endpoint = endpoint
+        self.pool_name = pool_name or (endpoint.pool_name() if endpoint.known else system)
+        self.attributes: Mapping[str, str] = {POOL_NAME: self.pool_name}
+        self.span_attributes: Mapping[str, str | int] = {
+            DB_SYSTEM_NAME: system,
+            **endpoint.attributes(),
+            POOL_NAME: self.pool_name,
+        }
+        self._secrets = secrets
+        self._tracer = (
+            trace.get_tracer(INSTRUMENTATION_NAME, _version())
+            if tracer_provider is None
+            else tracer_provider.get_tracer(INSTRUMENTATION_NAME, _version())
+        )
+        self._instruments = _instruments_for(meter_provider)
+        self._pool: Callable[[], PoolGauges | None] = lambda: None
+        self._lock = threading.Lock()
+        self.pending = 0
+        self._error_attributes: dict[str, Mapping[str, str]] = {}
+        self._instruments.pools.add(self)
+
+    @classmethod
+    def from_arguments(
+        cls,
+        *,
+        endpoint: Endpoint,
+        system: str,
+        pool_name: Any,
+        tracer_provider: Any,
+        meter_provider: Any,
+        secrets: Callable[[], tuple[str, ...]] = tuple,
+    ) -> PoolTelemetry:
+        """Validate the pool's telemetry keyword arguments (``engine_from_config`` strings too)."""
+        if pool_name is not None:
+            if not isinstance(pool_name, str) or not pool_name.strip():
+                raise ArgumentError(f"pool_name must be a non-empty string, got {pool_name!r}")
+            pool_name = pool_name.strip()
+        for name, value, method in (
+            ("tracer_provider", tracer_provider, "get_tracer"),
+            ("meter_provider", meter_provider, "get_meter"),
+        ):
+            if value is not None and not callable(getattr(value, method, None)):
+                raise ArgumentError(
+                    f"{name} must be an OpenTelemetry {name.replace('_', ' ')} "
+                    f"(with {method}()), got {value!r}"
+                )
+        return cls(
+            endpoint=endpoint,
+            system=system,
+            pool_name=pool_name,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            secrets=secrets,
+        )
+
+    def bind(self, pool: PoolGauges) -> None:
+        """Make ``pool`` the one the gauges read (the newest, after ``engine.dispose()``)."""
+        self._pool = weakref.ref(pool)
+
+    def pool(self) -> PoolGauges | None:
+        return self._pool()
+
+    def _with_error(self, error_type: str) -> Mapping[str, str]:
+        attributes = self._error_attributes.get(error_type)
+        if attributes is None:
+            attributes = {POOL_NAME: self.pool_name, ERROR_TYPE: error_type}
+            if len(self._error_attributes) < 256:  # a bounded cache: error types are few
+                self._error_attributes[error_type] = attributes
+        return attributes
+
+    # -- checkout (the hot path: a lock, a context variable, two clock reads, one record) --------
+
+    def checkout_started(self, waits: bool) -> CheckoutToken:
+        """A caller entered the pool's checkout; ``waits``: no idle connection and no free slot."""
+        with self._lock:
+            self.pending += 1
+        return _current_checkout.set(_Checkout(self, time.perf_counter(), waits))
+
+    def checked_out(self, token: CheckoutToken, connection: Any) -> None:
+        """The caller got ``connection``: record the wait, start the use time."""
+        checkout = _current_checkout.get()
+        _current_checkout.reset(token)
+        now = time.perf_counter()
+        with self._lock:
+            self.pending -= 1
+        if checkout is None:  # not ours: someone reset the variable under us
+            return
+        self._instruments.wait_time.record(now - checkout.started, self.attributes)
+        record = connection._connection_record
+        if record is not None:
+            setattr(record, _CHECKED_OUT_AT, now)
+        if checkout.span is not None or checkout.waits:
+            self._end_checkout_span(checkout, None)
+
+    def checkout_failed(self, token: CheckoutToken, error: BaseException) -> None:
+        """The checkout raised (pool timeout, connect given up, cancellation)."""
+        checkout = _current_checkout.get()
+        _current_checkout.reset(token)
+        with self._lock:
+            self.pending -= 1
+        if isinstance(error, PoolTimeoutError):
+            self._instruments.timeouts.add(1, self.attributes)
+        if checkout is not None and (checkout.span is not None or checkout.waits):
+            self._end_checkout_span(checkout, error)
+
+    def checked_in(self, record: Any) -> None:
+        """A connection came back to the pool: record how long the caller held it."""
+        started = getattr(record, _CHECKED_OUT_AT, 0.0)
+        if started:
+            setattr(record, _CHECKED_OUT_AT, 0.0)
+            self._instruments.use_time.record(time.perf_counter() - started, self.attributes)
+
+    def _checkout_span(self, checkout: _Checkout) -> trace.Span:
+        if checkout.span is None:
+            checkout.span = self._tracer.start_span(
+                CHECKOUT_SPAN,
+                attributes=self.span_attributes,
+                start_time=_wall_ns(checkout.started),
+            )
+        return checkout.span
+
+    def _end_checkout_span(self, checkout: _Checkout, error: BaseException | None) -> None:
+        connected = checkout.span is not None  # only a connect starts it before the end
+        span = self._checkout_span(checkout)
+        if span.is_recording():
+            span.set_attribute(CHECKOUT_WAITED, checkout.waits)
+            span.set_attribute(CHECKOUT_CONNECTED, connected)
+            if error is not None:
+                span.set_attribute(ERROR_TYPE, error_type(error))
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.end()
+
+    # -- connect ----------------------------------------------------------------------------------
+
+    def connect(self) -> ConnectTrace:
+        """Trace one physical connect with its retries: ``with telemetry.connect() as trace:``."""
+        checkout = _current_checkout.get()
+        parent = None
+        if checkout is not None and checkout.telemetry is self:
+            parent = trace.set_span_in_context(self._checkout_span(checkout))
+        span = self._tracer.start_span(
+            CONNECT_SPAN, context=parent, kind=SpanKind.CLIENT, attributes=self.span_attributes
+        )
+        return ConnectTrace(self, span)
+
+    # -- extension metrics for the credential and lifetime features -------------------------------
+
+    def credentials_refreshed(self) -> None:
+        """Count a fetch of fresh credentials (``fault_tolerant_pool.credential.refreshes``)."""
+        self._instruments.credential_refreshes.add(1, self.attributes)
+
+    def retired(self, reason: str) -> None:
+        """Count a connection the pool closed: ``reason`` is lifetime, idle or liveness."""
+        if reason not in RETIREMENT_REASONS:
+            raise ValueError(f"retirement reason must be one of {RETIREMENT_REASONS}: {reason!r}")
+        self._instruments.retirements.add(
+            1, {POOL_NAME: self.pool_name, RETIREMENT_REASON: reason}
+        )
+
+
+class ConnectTrace:
+    """The span and metrics of one physical connect; a context manager around the retry loop.
+
+    The span is the current span while the connect runs, so a driver's own instrumentation nests
+    under it. Failed attempts become events (see the README for why not child spans).
+    """
+
+    __slots__ = ("_attempts", "_done", "_span", "_telemetry", "_token")
+
+    def __init__(self, telemetry: PoolTelemetry, span: trace.Span) -> None:
+        self._telemetry = telemetry
+        self._span = span
+        self._attempts = 0
+        self._done = False
+        self._token: Token[otel_context.Context] | None = None
+
+    def __enter__(self) -> ConnectTrace:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)
+        span = self._span
+        if span.is_recording():
+            span.set_attribute(ATTEMPT_COUNT, self._attempts)
+            if error is not None and not self._done:  # cancelled, or a bug in a listener
+                span.set_attribute(ERROR_TYPE, error_type(error))
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.end()
+
+    def attempt_failed(
+        self,
+        error: Exception,
+        verdict: Verdict,
+        *,
+        duration: float,
+        backoff: float | None,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        """Record a failed attempt; ``backoff`` is the sleep before the next one (None: no more)."""
+        self._attempts += 1
+        telemetry = self._telemetry
+        instruments = telemetry._instruments
+        kind = verdict_error_type(verdict)
+        instruments.attempts.add(1, telemetry.attributes)
+        instruments.failed_attempts.add(1, telemetry._with_error(kind))
+        span = self._span
+        if span.is_recording():
+            attributes: dict[str, str | int | float | bool] = {
+                ATTEMPT_NUMBER: self._attempts,
+                ERROR_TYPE: kind,
+                EXCEPTION_TYPE: type(error).__name__,
+                EXCEPTION_MESSAGE: one_line(
+                    redact(str(error), secrets + telemetry._secrets())
+                ),
+                ATTEMPT_DURATION: duration,
+                ATTEMPT_TRANSIENT: verdict.transient,
+            }
+            if backoff is not None:
+                attributes[ATTEMPT_BACKOFF] = backoff
+            span.add_event(ATTEMPT_FAILED_EVENT, attributes)
+
+    def connected(self, elapsed: float) -> None:
+        """The attempt succeeded; ``elapsed``: seconds since the first attempt began."""
+        self._attempts += 1
+        self._done = True
+        telemetry = self._telemetry
+        telemetry._instruments.attempts.add(1, telemetry.attributes)
+        telemetry._instruments.create_time.record(elapsed, telemetry.attributes)
+
+    def gave_up(self, verdict: Verdict, error: BaseException) -> None:
+        """The connect failed for good: error status, ``error.type`` of the last failure."""
+        self._done = True
+        telemetry = self._telemetry
+        kind = verdict_error_type(verdict)
+        telemetry._instruments.give_ups.add(1, telemetry._with_error(kind))
+        span = self._span
+        if span.is_recording():
+            span.set_attribute(ERROR_TYPE, kind)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+
+
+_NO_TRACES = trace.NoOpTracerProvider()
+_NO_METRICS = metrics.NoOpMeterProvider()
+
+
+def disabled() -> PoolTelemetry:
+    """Telemetry that goes nowhere, for a connector built without a pool (unit tests)."""
+    return PoolTelemetry(
+        endpoint=Endpoint(), tracer_provider=_NO_TRACES, meter_provider=_NO_METRICS
+    )
