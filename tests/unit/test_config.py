@@ -133,7 +133,8 @@ def test_checkout_defaults() -> None:
     engine = sa.create_engine(URL.format(driver="psycopg"), poolclass=FaultTolerantQueuePool)
     ft = engine.pool._fault_tolerance  # type: ignore[attr-defined]
     assert ft.credentials is None
-    assert (ft.lifetime.max_lifetime, ft.lifetime.jitter, ft.lifetime.max_idle) == (None, 0.25, None)
+    lifetime = ft.lifetime
+    assert (lifetime.max_lifetime, lifetime.jitter, lifetime.max_idle) == (None, 0.25, None)
     assert (ft.liveness.check, ft.liveness.ping_after) == (True, 1.0)
 
 
