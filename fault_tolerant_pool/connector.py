@@ -167,9 +167,13 @@ class RetryingConnector:
         )
         dbapi = self.dbapi()
         dbapi_error = getattr(dbapi, "Error", None)
-        is_connect_failure = isinstance(
-            error, OSError | asyncio.TimeoutError | CredentialsError
-        ) or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
+        # A server error carries a SQLSTATE even when the driver's exception is not the DBAPI's
+        # (SQLAlchemy 2.0 lets asyncpg's own exceptions out of connect).
+        is_connect_failure = (
+            isinstance(error, OSError | asyncio.TimeoutError | CredentialsError)
+            or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
+            or verdict.sqlstate is not None
+        )
         if not is_connect_failure:
             return error  # a bug or a bad argument, not a connection failure: keep it as it is
         return exhausted_error(
