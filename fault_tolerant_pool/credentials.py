@@ -239,7 +239,8 @@ class CredentialSource:
 
     def _get_in_loop(self, timeout: float) -> Secret:
         task = self._inflight
-        if task is None:
+        loop = asyncio.get_running_loop()
+        if task is None or task.get_loop() is not loop:  # none yet, or one of a former loop
             if not self._blocking:
                 answer = self._call()  # a sync provider answers here and now
                 if not inspect.isawaitable(answer):
@@ -247,7 +248,7 @@ class CredentialSource:
                 pending: Awaitable[Any] = answer
             else:
                 pending = asyncio.to_thread(self._call)
-            task = asyncio.get_running_loop().create_task(self._settle(pending))
+            task = loop.create_task(self._settle(pending))
             task.add_done_callback(self._landed)
             self._inflight = task
         try:
@@ -269,7 +270,8 @@ class CredentialSource:
         return self._store(answer)
 
     def _landed(self, task: asyncio.Task[Secret]) -> None:
-        self._inflight = None
+        if self._inflight is task:
+            self._inflight = None
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may have been cancelled meanwhile
 
