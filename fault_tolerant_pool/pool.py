@@ -238,7 +238,9 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                 try:
                     record.close()
                 finally:
-                    if action == SHRINK:
+                    # give the slot up only while others are idle (after an async close too):
+                    # a getter waiting on an empty queue is woken by a put, the empty record
+                    if action == SHRINK and self._pool.qsize() > 0:
                         self._dec_overflow()
                     else:
                         super()._do_return_conn(record)
