@@ -5,7 +5,9 @@ Pass ``poolclass=FaultTolerantQueuePool`` (or ``FaultTolerantNullPool`` behind P
 """
 
 from .classify import Verdict, classify
-from .errors import ConnectRetriesExhausted
+from .credentials import CredentialsProvider, FileCredentials
+from .errors import ConnectRetriesExhausted, CredentialsError
+from .iam import RdsIamCredentials
 from .policy import RetryPolicy
 from .pool import (
     FaultTolerance,
@@ -17,12 +19,16 @@ from .stats import LastError, PoolStats
 
 __all__ = [
     "ConnectRetriesExhausted",
+    "CredentialsError",
+    "CredentialsProvider",
     "FaultTolerance",
     "FaultTolerantAsyncQueuePool",
     "FaultTolerantNullPool",
     "FaultTolerantQueuePool",
+    "FileCredentials",
     "LastError",
     "PoolStats",
+    "RdsIamCredentials",
     "RetryPolicy",
     "Verdict",
     "classify",

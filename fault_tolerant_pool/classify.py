@@ -14,6 +14,8 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import CredentialsError
+
 #: SQLSTATE classes whose every code is transient (class 08: connection exception).
 TRANSIENT_SQLSTATE_CLASSES: frozenset[str] = frozenset({"08"})
 
@@ -60,7 +62,8 @@ PERMANENT_MESSAGES: tuple[tuple[str, str | None], ...] = (
     ("sasl authentication failed", "28P01"),  # PgBouncer's word for a wrong password
     ("no password supplied", "28000"),
     ("no pg_hba.conf entry", "28000"),
-    ("fatal:  database \"", "3D000"),  # database "x" does not exist
+    ('fatal:  database "', "3D000"),  # database "x" does not exist
+    ('fatal:  role "', "28000"),  # role "x" does not exist (a dropped, rotated user)
     ("does not exist", None),  # role "x" does not exist (28000) and the like
     ("permission denied", "42501"),
     ("certificate verify failed", None),
@@ -68,7 +71,7 @@ PERMANENT_MESSAGES: tuple[tuple[str, str | None], ...] = (
     ("invalid connection option", None),
     ("invalid integer value", None),
     ("invalid sslmode value", None),
-    ("missing \"=\" after", None),
+    ('missing "=" after', None),
 )
 
 #: Message fragments (lower case) of transient connect failures, with the SQLSTATE they stand for.
@@ -164,6 +167,8 @@ def _match(
 
 def classify(exc: BaseException) -> Verdict:
     """Classify a failed connect attempt with the built-in tables."""
+    if isinstance(exc, CredentialsError):
+        return Verdict(exc.transient, None, "CredentialsError")
     chain = _chain(exc)
     code = sqlstate_of(exc)
     label = code or type(chain[-1]).__name__

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .classify import Classifier, Verdict, classify_with
-from .errors import exhausted_error, one_line, redact
+from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer, withdraw
+from .errors import CredentialsError, exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
 from .telemetry import PoolTelemetry, disabled
@@ -23,6 +24,21 @@ DRIVER_PACKAGES = frozenset({"asyncpg", "psycopg", "psycopg2"})
 
 Sleep = Callable[[float], None]
 Creator = Callable[[Any], Any]
+OnConnect = Callable[[Any, Any], None]
+
+
+def _not_applied(credentials: CredentialSource) -> CredentialsError:
+    return CredentialsError(
+        f"credentials from {credentials.name} were not applied: this engine's connections are "
+        "not made by SQLAlchemy's own creator (a custom creator= or async_creator= must fetch "
+        "its own secret)",
+        provider=credentials.name,
+    )
+
+
+def _at_once() -> float:
+    """The "random" draw of a retry that must not wait: a refused login with refreshed secrets."""
+    return 0.0
 
 
 class RetryingConnector:
@@ -30,6 +46,11 @@ class RetryingConnector:
 
     Only the DBAPI connect is repeated: nothing here runs after a connection is handed out, so a
     statement is never replayed. Clock, random source and sleep are injectable for tests.
+
+    With ``credentials``, each attempt takes its secret from the source (the cache, or the
+    provider within the time left before the deadline). A refused login (``28P01``/``28000``)
+    drops the cached secret and is retried at once, once per connect; refused again, it is
+    permanent. ``on_connect(record, connection)`` runs after each successful connect.
     """
 
     def __init__(
@@ -45,6 +66,9 @@ class RetryingConnector:
         random: Callable[[], float] = _random.random,
         secrets: Callable[[], tuple[str, ...]] = tuple,
         telemetry: PoolTelemetry | None = None,
+        credentials: CredentialSource | None = None,
+        in_loop: Callable[[], bool] = bool,
+        on_connect: OnConnect | None = None,
     ) -> None:
         self.creator = creator
         self.policy = policy
@@ -56,49 +80,94 @@ class RetryingConnector:
         self.random = random
         self.secrets = secrets
         self.telemetry = telemetry if telemetry is not None else disabled()
+        self.credentials = credentials
+        self.in_loop = in_loop
+        self.on_connect = on_connect
 
     def __call__(self, record: Any) -> Any:
         with self.telemetry.connect() as trace:  # one span around every attempt and backoff
-            backoff = Backoff(self.policy, self.clock())
-            while True:
-                started = self.clock()
-                try:
-                    connection = self.creator(record)
-                except Exception as error:  # BaseException (cancellation) propagates untouched
-                    verdict = classify_with(self.classifier, error)
-                    self.counters.attempt_failed(verdict.error_type, verdict.sqlstate)
-                    now = self.clock()
-                    if verdict.transient:
-                        delay = backoff.next_delay(now, self.random)
-                    else:
-                        backoff.stop()
-                        delay = None
-                    trace.attempt_failed(
-                        error, verdict, duration=now - started, backoff=delay,
-                        secrets=self.secrets(),
-                    )  # fmt: skip
-                    if delay is None:
-                        trace.gave_up(verdict, error)
-                        failure = self._give_up(error, verdict, backoff, now)
-                        if failure is error:
-                            raise
-                        raise failure from error
-                    self._log_attempt(error, verdict, backoff.failures, delay)
-                    self.sleep(delay)
-                else:
-                    self.counters.connected()
-                    trace.connected(backoff.elapsed(self.clock()))
-                    return connection
+            return self._connect(record, trace)
 
-    def _log_attempt(self, error: Exception, verdict: Verdict, attempt: int, delay: float) -> None:
+    def _connect(self, record: Any, trace: Any) -> Any:
+        backoff = Backoff(self.policy, self.clock())
+        credentials = self.credentials
+        refreshed = False
+        while True:
+            secret: Secret | None = None
+            started = self.clock()
+            try:
+                if credentials is not None:
+                    secret = credentials.get(
+                        in_loop=self.in_loop(), timeout=backoff.remaining(self.clock())
+                    )
+                    offer(record, secret)
+                connection = self.creator(record)
+                if credentials is not None and withdraw(record) is not None:
+                    self._discard(connection)
+                    raise _not_applied(credentials)
+            except Exception as error:  # BaseException (cancellation) propagates untouched
+                verdict = classify_with(self.classifier, error)
+                self.counters.attempt_failed(verdict.error_type, verdict.sqlstate)
+                now = self.clock()
+                refresh: str | None = None
+                if verdict.transient:
+                    delay = backoff.next_delay(now, self.random)
+                elif (
+                    credentials is not None
+                    and secret is not None
+                    and not refreshed
+                    and verdict.sqlstate in AUTH_FAILURE_SQLSTATES
+                ):
+                    refreshed = True
+                    refresh = credentials.name
+                    credentials.refused(secret)  # counted, and told to the telemetry
+                    delay = backoff.next_delay(now, _at_once)
+                else:
+                    backoff.stop()
+                    delay = None
+                trace.attempt_failed(
+                    error, verdict, duration=now - started, backoff=delay,
+                    secrets=self.secrets(),
+                )  # fmt: skip
+                if delay is None:
+                    trace.gave_up(verdict, error)
+                    failure = self._give_up(error, verdict, backoff, now)
+                    if failure is error:
+                        raise
+                    raise failure from error
+                self._log_attempt(error, verdict, backoff.failures, delay, refresh)
+                if delay > 0:
+                    self.sleep(delay)
+            else:
+                self.counters.connected()
+                trace.connected(backoff.elapsed(self.clock()))
+                if self.on_connect is not None:
+                    self.on_connect(record, connection)
+                return connection
+
+    @staticmethod
+    def _discard(connection: Any) -> None:
+        try:
+            connection.close()
+        except Exception:
+            logger.debug("closing a connection made without the credentials failed", exc_info=True)
+
+    def _log_attempt(
+        self, error: Exception, verdict: Verdict, attempt: int, delay: float, refresh: str | None
+    ) -> None:
         if logger.isEnabledFor(logging.WARNING):
+            then = (
+                f"login refused: asking {refresh} again, retrying at once"
+                if refresh is not None
+                else f"retrying in {delay:.3f}s"
+            )
             logger.warning(
-                "connect attempt %d failed (%s, sqlstate=%s): %s; retrying in %.3fs",
+                "connect attempt %d failed (%s, sqlstate=%s): %s; %s",
                 attempt,
                 type(error).__name__,
                 verdict.sqlstate,
                 one_line(redact(str(error), self.secrets())),
-                delay,
+                then,
             )
 
     def _give_up(
@@ -117,7 +186,7 @@ class RetryingConnector:
         dbapi = self.dbapi()
         dbapi_error = getattr(dbapi, "Error", None)
         is_connect_failure = (
-            isinstance(error, OSError | asyncio.TimeoutError)
+            isinstance(error, OSError | asyncio.TimeoutError | CredentialsError)
             or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
             or type(error).__module__.partition(".")[0] in DRIVER_PACKAGES
         )

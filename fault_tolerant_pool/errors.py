@@ -44,6 +44,21 @@ class ConnectRetriesExhausted(Exception):
     """False when the last error was permanent (never retried), True when retries ran out."""
 
 
+class CredentialsError(Exception):
+    """The ``credentials`` provider failed, was too slow, or answered something unusable.
+
+    The message names the provider and never holds a secret. When a connect fails for good
+    because of it, the application sees ``sqlalchemy.exc.OperationalError`` whose ``orig`` is a
+    :class:`ConnectRetriesExhausted` with this error as ``last_error``.
+    """
+
+    def __init__(self, message: str, *, provider: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.transient = transient
+        """True when the provider failed for a reason worth retrying (refused socket, timeout)."""
+
+
 _subclasses: dict[type[BaseException], type[ConnectRetriesExhausted]] = {}
 _subclasses_lock = threading.Lock()
 

@@ -115,6 +115,10 @@ class Backoff:
     def elapsed(self, now: float) -> float:
         return now - self.started
 
+    def remaining(self, now: float) -> float:
+        """Seconds left before the deadline (negative once it has passed)."""
+        return self.policy.deadline - (now - self.started)
+
     def next_delay(self, now: float, random: Callable[[], float]) -> float | None:
         """Record a failed attempt; return the sleep before the next one, or None to give up.
 

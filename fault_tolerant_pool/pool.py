@@ -2,8 +2,11 @@
 
 SQLAlchemy funnels every physical connect of a pool (new connections, and reconnects after
 invalidation, recycle or a failed pre-ping) through the callable built by
-``Pool._should_wrap_creator``; wrapping it there is the whole integration. Checkout, checkin and
-the queue are SQLAlchemy's, untouched.
+``Pool._should_wrap_creator``; wrapping it there is the connect half of the integration (retry,
+credentials). The checkout half is two hooks of the queue pool: ``_do_get`` hands the record
+taken from the queue to :class:`Upkeep` before SQLAlchemy lends it (lifetime, liveness), and
+``_do_return_conn`` asks it what to do with a returned one (lifetime, idle). The queue, events,
+pre-ping and recycle stay SQLAlchemy's.
 """
 
 from __future__ import annotations
@@ -11,16 +14,27 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
-from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
 from sqlalchemy.util import await_only
 
+from . import credentials as _credentials
 from .classify import Classifier
 from .connector import RetryingConnector
+from .credentials import CredentialSource
 from .endpoint import connect_arguments, endpoint_of, password_of
+from .lifetime import (
+    DEFAULT_LIFETIME_JITTER,
+    DEFAULT_MAX_IDLE,
+    DEFAULT_MAX_LIFETIME,
+    LifetimePolicy,
+)
+from .liveness import DEFAULT_LIVENESS_CHECK, DEFAULT_PING_AFTER, LivenessPolicy
 from .policy import (
     DEFAULT_ATTEMPTS,
     DEFAULT_DEADLINE,
@@ -30,6 +44,7 @@ from .policy import (
 )
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
+from .upkeep import KEEP, SHRINK, Upkeep
 
 
 @dataclass(frozen=True)
@@ -40,40 +55,67 @@ class FaultTolerance:
     telemetry: PoolTelemetry
     classifier: Classifier | None = None
     counters: ConnectCounters = field(default_factory=ConnectCounters, compare=False)
+    credentials: CredentialSource | None = field(default=None, compare=False)
+    lifetime: LifetimePolicy = field(default_factory=LifetimePolicy)
+    liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
+    secrets: Callable[[], tuple[str, ...]] = field(default=tuple, compare=False)
+    """The passwords known to the pool (URL, credentials), scrubbed from every message."""
 
     @classmethod
     def from_arguments(
         cls,
         creator: Any,
         dialect: Any,
-        retry_attempts: Any,
-        retry_deadline: Any,
-        retry_initial_delay: Any,
-        retry_max_delay: Any,
-        retry_classifier: Any,
-        pool_name: Any,
-        tracer_provider: Any,
-        meter_provider: Any,
+        retry_attempts: Any = DEFAULT_ATTEMPTS,
+        retry_deadline: Any = DEFAULT_DEADLINE,
+        retry_initial_delay: Any = DEFAULT_INITIAL_DELAY,
+        retry_max_delay: Any = DEFAULT_MAX_DELAY,
+        retry_classifier: Any = None,
+        credentials: Any = None,
+        max_lifetime: Any = DEFAULT_MAX_LIFETIME,
+        lifetime_jitter: Any = DEFAULT_LIFETIME_JITTER,
+        max_idle: Any = DEFAULT_MAX_IDLE,
+        liveness_check: Any = DEFAULT_LIVENESS_CHECK,
+        liveness_ping_after: Any = DEFAULT_PING_AFTER,
+        pool_name: Any = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
-            from sqlalchemy.exc import ArgumentError
-
             raise ArgumentError(
                 f"retry_classifier must be a callable taking an exception, got {retry_classifier!r}"
             )
         policy = RetryPolicy.from_arguments(
             retry_attempts, retry_deadline, retry_initial_delay, retry_max_delay
         )
+        counters = ConnectCounters()
+        provider = _credentials.coerce_provider(credentials)
+        source = CredentialSource(provider, counters) if provider is not None else None
         arguments = connect_arguments(creator)
+
+        def secrets() -> tuple[str, ...]:
+            known = password_of(arguments)
+            return known + source.secrets() if source is not None else known
+
         telemetry = PoolTelemetry.from_arguments(
             endpoint=endpoint_of(arguments),
             system=getattr(dialect, "name", None) or "postgresql",
             pool_name=pool_name,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
-            secrets=lambda: password_of(arguments),
+            secrets=secrets,
         )
-        return cls(policy, telemetry, retry_classifier)
+        counters.listener = telemetry
+        return cls(
+            policy,
+            telemetry,
+            retry_classifier,
+            counters,
+            source,
+            LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
+            LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
+            secrets,
+        )
 
 
 def _async_sleep(seconds: float) -> None:
@@ -82,10 +124,12 @@ def _async_sleep(seconds: float) -> None:
 
 
 class _FaultTolerantPool(Pool):
-    """What both pool classes share: the wrapped creator, the measured checkout, the stats."""
+    """What both pool classes share: the wrapped creator, credentials, the measured checkout,
+    the stats."""
 
     _fault_tolerance: FaultTolerance
     _telemetry: PoolTelemetry
+    _upkeep: Upkeep | None = None
 
     def _init_fault_tolerance(
         self, fault_tolerance: FaultTolerance | None, **arguments: Any
@@ -93,8 +137,20 @@ class _FaultTolerantPool(Pool):
         self._fault_tolerance = fault_tolerance or FaultTolerance.from_arguments(**arguments)
         self._telemetry = self._fault_tolerance.telemetry
 
+    def _install_credentials(self) -> None:
+        """Called once SQLAlchemy's ``__init__`` has set the dialect."""
+        if self._fault_tolerance.credentials is None:
+            return
+        if isinstance(self._dialect, _ConnDialect):
+            raise ArgumentError(
+                "credentials= needs an engine: pass it to create_engine() or "
+                "create_async_engine() with a database URL"
+            )
+        _credentials.install(self._dialect)
+
     def _should_wrap_creator(self, creator: Any) -> Any:
         ft = self._fault_tolerance
+        credentials = ft.credentials
         return RetryingConnector(
             super()._should_wrap_creator(creator),
             ft.policy,
@@ -103,7 +159,19 @@ class _FaultTolerantPool(Pool):
             dbapi=self._loaded_dbapi,
             classifier=ft.classifier,
             telemetry=ft.telemetry,
+            secrets=ft.secrets,
+            credentials=credentials,
+            in_loop=self._in_loop,
+            on_connect=self._connected if self._upkeep is not None else None,
         )
+
+    def _in_loop(self) -> bool:
+        return bool(self._dialect.is_async)
+
+    def _connected(self, record: Any, connection: Any) -> None:
+        upkeep = self._upkeep
+        if upkeep is not None:
+            upkeep.connected(record, self._dialect.get_driver_connection(connection))
 
     def connect(self) -> PoolProxiedConnection:
         """SQLAlchemy's checkout, measured: wait time, pending requests, timeouts, slow spans."""
@@ -155,6 +223,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
 
     One name for sync and async engines: constructed with an asyncio dialect (as
     ``create_async_engine`` does), it becomes :class:`FaultTolerantAsyncQueuePool`.
+    Connections are checked before they are lent (liveness, lifetime) and when they come back
+    (lifetime, idle); see :mod:`fault_tolerant_pool.upkeep`.
     """
 
     def __new__(cls, *args: Any, **kw: Any) -> FaultTolerantQueuePool:
@@ -173,6 +243,12 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         pool_name: str | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
+        credentials: Any = None,
+        max_lifetime: float | None = DEFAULT_MAX_LIFETIME,
+        lifetime_jitter: float = DEFAULT_LIFETIME_JITTER,
+        max_idle: float | None = DEFAULT_MAX_IDLE,
+        liveness_check: bool = DEFAULT_LIVENESS_CHECK,
+        liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -188,9 +264,53 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             pool_name=pool_name,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
+            credentials=credentials,
+            max_lifetime=max_lifetime,
+            lifetime_jitter=lifetime_jitter,
+            max_idle=max_idle,
+            liveness_check=liveness_check,
+            liveness_ping_after=liveness_ping_after,
         )
+        ft = self._fault_tolerance
+        if Upkeep.wanted(ft.lifetime, ft.liveness):
+            self._upkeep = Upkeep(ft.lifetime, ft.liveness, ft.counters)
         QueuePool.__init__(self, creator, **kw)
         self._telemetry.bind(self)
+        self._install_credentials()
+        if self._upkeep is not None and isinstance(self._dialect, _ConnDialect):
+            self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        record = super()._do_get()
+        upkeep = self._upkeep
+        if upkeep is not None:
+            if upkeep.idle is not None:
+                upkeep.idle.observe(self._pool.qsize())
+            try:
+                upkeep.checkout(record, self._dialect)
+            except BaseException as error:
+                # nothing lent yet: give the slot back, as SQLAlchemy does when a connect fails
+                record._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
+                raise
+        return record
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        upkeep = self._upkeep
+        if upkeep is not None:
+            idle = self._pool.qsize() if upkeep.idle is not None else 0
+            action = upkeep.checkin(record, idle)
+            if action != KEEP:
+                try:
+                    record.close()
+                finally:
+                    # give the slot up only while others are idle (after an async close too):
+                    # a getter waiting on an empty queue is woken by a put, the empty record
+                    if action == SHRINK and self._pool.qsize() > 0:
+                        self._dec_overflow()
+                    else:
+                        super()._do_return_conn(record)
+                return
+        super()._do_return_conn(record)
 
     def recreate(self) -> FaultTolerantQueuePool:
         self.logger.info("Pool recreating")
@@ -228,8 +348,10 @@ class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool)
 class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
     """SQLAlchemy's ``NullPool`` (a new connection per checkout) with every connect retried.
 
-    For PgBouncer: each checkout is a login to the bouncer, so the retry is the resilience.
-    Works with sync and async engines.
+    For PgBouncer: each checkout is a login to the bouncer, so the retry (and ``credentials``)
+    is the resilience. Works with sync and async engines. ``max_lifetime``, ``max_idle`` and the
+    liveness check are accepted and have nothing to do: every connection is new at checkout and
+    closed at checkin.
     """
 
     def __init__(
@@ -243,6 +365,12 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         pool_name: str | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
+        credentials: Any = None,
+        max_lifetime: float | None = DEFAULT_MAX_LIFETIME,
+        lifetime_jitter: float = DEFAULT_LIFETIME_JITTER,
+        max_idle: float | None = DEFAULT_MAX_IDLE,
+        liveness_check: bool = DEFAULT_LIVENESS_CHECK,
+        liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -258,11 +386,18 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
             pool_name=pool_name,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
+            credentials=credentials,
+            max_lifetime=max_lifetime,
+            lifetime_jitter=lifetime_jitter,
+            max_idle=max_idle,
+            liveness_check=liveness_check,
+            liveness_ping_after=liveness_ping_after,
         )
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
         NullPool.__init__(self, creator, **kw)
         self._telemetry.bind(self)
+        self._install_credentials()
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)

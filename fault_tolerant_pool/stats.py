@@ -1,10 +1,18 @@
-"""What the pool did: counters written on the connect path only, read as an immutable snapshot."""
+"""What the pool did: counters written on the connect path only, read as an immutable snapshot.
+
+Besides the connect path, the counters are touched when credentials are fetched and when a
+connection is retired; an ordinary checkout or checkin writes nothing here.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal, Protocol
+
+#: Why a pooled connection was closed by the pool before its time: see ``PoolStats.retired_*``.
+Retirement = Literal["lifetime", "idle", "liveness"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +46,42 @@ class PoolStats:
     checked_in: int
     checked_out: int
     overflow: int
+    credential_fetches: int = 0
+    """Times the ``credentials`` provider was asked (a cached answer is not a fetch)."""
+    credential_refreshes: int = 0
+    """Answers of the provider refused by the server, then dropped and asked again (one per
+    refused answer, however many connects it failed)."""
+    retired_lifetime: int = 0
+    """Connections closed because they reached their ``max_lifetime`` (jittered) deadline."""
+    retired_idle: int = 0
+    """Connections closed because the pool held more idle ones than it used for ``max_idle``."""
+    retired_liveness: int = 0
+    """Connections found dead at checkout and replaced before the caller saw them."""
+
+
+class CounterListener(Protocol):
+    """Told of the events that have a metric of their own (the telemetry)."""
+
+    def credentials_refreshed(self) -> None: ...
+
+    def retired(self, reason: str) -> None: ...
 
 
 class ConnectCounters:
     """Mutable totals behind :class:`PoolStats`, touched on the connect path only."""
 
-    __slots__ = ("_lock", "attempts", "connects", "failed_attempts", "give_ups", "last_error")
+    __slots__ = (
+        "_lock",
+        "attempts",
+        "connects",
+        "credential_fetches",
+        "credential_refreshes",
+        "failed_attempts",
+        "give_ups",
+        "last_error",
+        "listener",
+        "retired",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -52,6 +90,10 @@ class ConnectCounters:
         self.failed_attempts = 0
         self.give_ups = 0
         self.last_error: LastError | None = None
+        self.credential_fetches = 0
+        self.credential_refreshes = 0
+        self.retired: dict[Retirement, int] = {"lifetime": 0, "idle": 0, "liveness": 0}
+        self.listener: CounterListener | None = None
 
     def attempt_failed(self, error_class: str, sqlstate: str | None) -> None:
         with self._lock:
@@ -68,6 +110,22 @@ class ConnectCounters:
         with self._lock:
             self.give_ups += 1
 
+    def credentials_fetched(self) -> None:
+        with self._lock:
+            self.credential_fetches += 1
+
+    def credentials_refreshed(self) -> None:
+        with self._lock:
+            self.credential_refreshes += 1
+        if self.listener is not None:
+            self.listener.credentials_refreshed()
+
+    def retire(self, reason: Retirement) -> None:
+        with self._lock:
+            self.retired[reason] += 1
+        if self.listener is not None:
+            self.listener.retired(reason)
+
     def snapshot(self, size: int, checked_in: int, checked_out: int, overflow: int) -> PoolStats:
         return PoolStats(
             connects=self.connects,
@@ -79,4 +137,9 @@ class ConnectCounters:
             checked_in=checked_in,
             checked_out=checked_out,
             overflow=overflow,
+            credential_fetches=self.credential_fetches,
+            credential_refreshes=self.credential_refreshes,
+            retired_lifetime=self.retired["lifetime"],
+            retired_idle=self.retired["idle"],
+            retired_liveness=self.retired["liveness"],
         )

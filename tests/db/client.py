@@ -7,6 +7,7 @@ them; the pool code under test runs exactly as it does in production for each fl
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,6 +100,24 @@ class Client:
             return True, True
         except sa.exc.DBAPIError:
             return True, False
+
+    async def backend_pids(self, pause: float = 0.0) -> tuple[int, int]:
+        """In one checkout: the backend pid, a pause, the backend pid again."""
+        sql = sa.text("SELECT pg_backend_pid()")
+        if self.async_engine is not None:
+            async with self.async_engine.connect() as conn:
+                first = (await conn.execute(sql)).scalar_one()
+                await asyncio.sleep(pause)
+                return first, (await conn.execute(sql)).scalar_one()
+        result: tuple[int, int] = await self._in_thread(self._sync_backend_pids, pause)
+        return result
+
+    def _sync_backend_pids(self, pause: float) -> tuple[int, int]:
+        sql = sa.text("SELECT pg_backend_pid()")
+        with self.engine.connect() as conn:
+            first = conn.execute(sql).scalar_one()
+            time.sleep(pause)
+            return first, conn.execute(sql).scalar_one()
 
     async def dispose(self) -> None:
         if self.async_engine is not None:

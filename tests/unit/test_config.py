@@ -61,6 +61,13 @@ def test_sqlalchemy_pool_arguments_still_reach_the_pool() -> None:
         ({"retry_initial_delay": -1}, "retry_initial_delay"),
         ({"retry_max_delay": "x"}, "retry_max_delay"),
         ({"retry_classifier": "not callable"}, "retry_classifier"),
+        ({"credentials": 42}, "credentials"),
+        ({"credentials": "no_such_module_q:x"}, "credentials"),
+        ({"max_lifetime": 0}, "max_lifetime"),
+        ({"lifetime_jitter": 1.5}, "lifetime_jitter"),
+        ({"max_idle": "forever"}, "max_idle"),
+        ({"liveness_check": "sometimes"}, "liveness_check"),
+        ({"liveness_ping_after": -1}, "liveness_ping_after"),
     ],
 )
 def test_bad_settings_are_refused_at_engine_creation(
@@ -101,3 +108,36 @@ def test_engine_from_config_strings_are_coerced() -> None:
 def test_no_password_in_pool_repr_or_policy() -> None:
     engine = sa.create_engine(URL.format(driver="psycopg"), poolclass=FaultTolerantQueuePool)
     assert "secret" not in repr(engine.pool) + repr(engine.pool.retry_policy)  # type: ignore[attr-defined]
+
+
+def test_checkout_settings_from_config_survive_dispose() -> None:
+    config = {
+        "sqlalchemy.url": URL.format(driver="psycopg"),
+        "sqlalchemy.credentials": "os:getcwd",
+        "sqlalchemy.max_lifetime": "1800",
+        "sqlalchemy.lifetime_jitter": "0.1",
+        "sqlalchemy.max_idle": "600",
+        "sqlalchemy.liveness_check": "false",
+        "sqlalchemy.liveness_ping_after": "none",
+    }
+    engine = sa.engine_from_config(config, poolclass=FaultTolerantQueuePool)
+    ft = engine.pool._fault_tolerance  # type: ignore[attr-defined]
+    assert (ft.lifetime.max_lifetime, ft.lifetime.jitter, ft.lifetime.max_idle) == (1800, 0.1, 600)
+    assert (ft.liveness.check, ft.liveness.ping_after) == (False, None)
+    assert ft.credentials is not None and ft.credentials.name.endswith(".getcwd")
+    engine.dispose()
+    assert engine.pool._fault_tolerance is ft  # type: ignore[attr-defined]
+
+
+def test_checkout_defaults() -> None:
+    engine = sa.create_engine(URL.format(driver="psycopg"), poolclass=FaultTolerantQueuePool)
+    ft = engine.pool._fault_tolerance  # type: ignore[attr-defined]
+    assert ft.credentials is None
+    lifetime = ft.lifetime
+    assert (lifetime.max_lifetime, lifetime.jitter, lifetime.max_idle) == (None, 0.25, None)
+    assert (ft.liveness.check, ft.liveness.ping_after) == (True, 1.0)
+
+
+def test_credentials_need_an_engine() -> None:
+    with pytest.raises(ArgumentError, match="credentials= needs an engine"):
+        FaultTolerantQueuePool(lambda: None, credentials=lambda: "pw")

@@ -1,0 +1,144 @@
+"""What a queue pool does with a connection before lending it and when it comes back.
+
+Before lending (checkout): a connection past its lifetime is retired, a dead one is replaced.
+On return (checkin): a connection past its lifetime is retired, and one is closed when the pool
+has held more idle connections than it used for ``max_idle``. Nothing happens to a connection
+while it is checked out. A retired or replaced connection leaves its pool slot empty, and
+SQLAlchemy's ``get_connection()`` fills it again through the pool's creator, that is through
+the retry loop, before the caller sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random as _random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import DisconnectionError
+
+from .lifetime import IdleWindow, LifetimePolicy
+from .liveness import LivenessPolicy, Probe, probe_for
+from .stats import ConnectCounters, Retirement
+
+logger = logging.getLogger("fault_tolerant_pool.upkeep")
+
+#: What the pool does with a returned connection.
+KEEP, REPLACE, SHRINK = 0, 1, 2
+"""KEEP: back into the pool. REPLACE: closed, its empty slot back into the pool (the next
+checkout connects again). SHRINK: closed, and the slot given up (the pool holds one fewer)."""
+
+_LIFE = "_fault_tolerant_pool_life"
+
+
+class ConnectionLife:
+    """Per physical connection: its retirement deadline, when it was last returned, its probe."""
+
+    __slots__ = ("deadline", "last_used", "probe")
+
+    def __init__(self, deadline: float, last_used: float, probe: Probe | None) -> None:
+        self.deadline = deadline
+        self.last_used = last_used
+        self.probe = probe
+
+
+def life_of(record: Any) -> ConnectionLife | None:
+    life: ConnectionLife | None = record.__dict__.get(_LIFE)
+    return life
+
+
+class Upkeep:
+    """Lifetime, idle and liveness rules of one pool; clock and random source are injectable."""
+
+    def __init__(
+        self,
+        lifetime: LifetimePolicy,
+        liveness: LivenessPolicy,
+        counters: ConnectCounters,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self.lifetime = lifetime
+        self.counters = counters
+        self.clock = clock
+        self.random = random
+        self.probing = liveness.check
+        self.ping_after = liveness.ping_after if liveness.check else None
+        self.idle = IdleWindow(lifetime.max_idle, clock()) if lifetime.max_idle else None
+
+    @classmethod
+    def wanted(cls, lifetime: LifetimePolicy, liveness: LivenessPolicy) -> bool:
+        """Whether any rule is on (otherwise the pool skips the hooks altogether)."""
+        return bool(liveness.check or lifetime.max_lifetime or lifetime.max_idle)
+
+    def connected(self, record: Any, driver_connection: Any) -> None:
+        """A physical connection was made for ``record``: draw its deadline, build its probe."""
+        now = self.clock()
+        probe = probe_for(driver_connection) if self.probing else None
+        record.__dict__[_LIFE] = ConnectionLife(
+            self.lifetime.deadline(now, self.random), now, probe
+        )
+
+    def checkout(self, record: Any, dialect: Any) -> None:
+        """Before lending ``record``'s connection: retire it if expired, replace it if dead."""
+        life: ConnectionLife | None = record.__dict__.get(_LIFE)
+        connection = record.dbapi_connection
+        if life is None or connection is None:
+            return
+        now = self.clock()
+        if now >= life.deadline:
+            self._retire(record, "lifetime")
+            return
+        probe = life.probe
+        if probe is not None and probe.dead():
+            self._replace(record, "closed by the server, or it sent an error, while idle")
+            return
+        ping_after = self.ping_after
+        idle = now - life.last_used
+        if ping_after is not None and idle > ping_after and not _answers_ping(dialect, connection):
+            self._replace(record, f"no answer to a ping after {idle:.1f}s idle")
+
+    def checkin(self, record: Any, idle: int) -> int:
+        """``record`` comes back while ``idle`` others sit in the pool: KEEP, REPLACE or SHRINK.
+
+        The caller closes the connection for REPLACE and SHRINK (see the module docstring).
+        """
+        life: ConnectionLife | None = record.__dict__.get(_LIFE)
+        if life is None or record.dbapi_connection is None:
+            return KEEP
+        now = self.clock()
+        window = self.idle
+        shrink = window is not None and window.retire_on_checkin(now, idle)
+        reason: Retirement
+        if now >= life.deadline:
+            reason = "lifetime"
+        elif shrink:
+            reason = "idle"
+        else:
+            life.last_used = now
+            return KEEP
+        self.counters.retire(reason)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("retiring a pooled connection at checkin (%s)", reason)
+        return SHRINK if shrink else REPLACE
+
+    def _retire(self, record: Any, reason: Retirement) -> None:
+        self.counters.retire(reason)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("retiring a pooled connection at checkout (%s)", reason)
+        record.close()
+
+    def _replace(self, record: Any, why: str) -> None:
+        self.counters.retire("liveness")
+        logger.info("replacing a dead pooled connection before checkout: %s", why)
+        record.invalidate(DisconnectionError(f"liveness check: {why}"))
+
+
+def _answers_ping(dialect: Any, connection: Any) -> bool:
+    """A real round trip, as ``pool_pre_ping`` makes it; any error means "dead"."""
+    try:
+        return bool(dialect._do_ping_w_event(connection))
+    except Exception:
+        return False
