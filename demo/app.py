@@ -186,6 +186,16 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
         }
     sqlstate = _sqlstate(orig) or _sqlstate(exc)
     cause = orig if orig is not None else exc
+    if sqlstate is not None and (sqlstate.startswith("28") or sqlstate == "3D000"):
+        # Only a login fails this way (authentication, unknown database). Reached when a driver
+        # error escapes unwrapped (asyncpg's on SQLAlchemy 2.0), not as ConnectRetriesExhausted.
+        return {
+            "error": "database unavailable",
+            "reason": "connect_failed",
+            "detail": "the database refused the login (permanent error, not retried)",
+            "error_class": type(cause).__name__,
+            "sqlstate": sqlstate,
+        }
     lost = (
         (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
         or isinstance(cause, OSError)
@@ -206,6 +216,19 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
         "error_class": type(cause).__name__,
         "sqlstate": sqlstate,
     }
+
+
+def _raw_driver_errors() -> tuple[type[Exception], ...]:
+    """Driver exceptions that can reach the app without SQLAlchemy's wrapper.
+
+    With SQLAlchemy 2.0, asyncpg's connect-time errors other than ``OSError`` (a wrong password,
+    "the database system is starting up") come out of the pool as asyncpg's own exceptions.
+    """
+    try:
+        import asyncpg  # type: ignore[import-untyped]
+    except ImportError:
+        return ()
+    return (asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def _sqlstate(error: object) -> str | None:
@@ -292,7 +315,7 @@ def create_app(
             {"error": "internal error", "error_class": type(exc).__name__}, status_code=500
         )
 
-    for error in (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError):
+    for error in (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError, *_raw_driver_errors()):
         app.add_exception_handler(error, database_unavailable)
     app.add_exception_handler(Exception, internal_error)
 

@@ -5,13 +5,14 @@
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k outage  # extra arguments go to pytest
 #
-# Installs (as root, when missing): PostgreSQL server and PgBouncer from Debian.
+# Installs (as root, when missing): PostgreSQL server, PgBouncer, and chromium with chromedriver
+# (for the demo page's browser test) from Debian.
 # Creates .venv (SQLAlchemy 2.1) and .venv-sa20 (SQLAlchemy 2.0) with the package and its extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS="asyncpg,psycopg,test"
+EXTRAS="asyncpg,psycopg,test,demo"
 
 need_apt=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -19,6 +20,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   need_apt+=(pgbouncer)
+fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  need_apt+=(chromium chromium-driver)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

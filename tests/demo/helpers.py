@@ -96,7 +96,7 @@ def demo_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def demo_process(
     *args: str, env: Mapping[str, str] | None = None, timeout: float = 90.0
 ) -> Iterator[DemoProcess]:
-    """Start ``python -m demo --port 0 ARGS`` and wait for its banner; stop it (SIGKILL) after."""
+    """Start ``python -m demo --port 0 ARGS`` and wait for its banner; stop it (Ctrl-C) after."""
     proc = subprocess.Popen(
         demo_command("--port", "0", *args),
         cwd=ROOT,
@@ -123,9 +123,15 @@ def demo_process(
         demo.base_url = demo.banner_value("page").rstrip("/")
         yield demo
     finally:
+        # Gracefully first, even when the test failed: a SIGKILLed demo cannot stop the
+        # PostgreSQL it started (a process of its own session), which would outlive the test.
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         reader.join(timeout=5)
 
 

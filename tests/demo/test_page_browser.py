@@ -118,9 +118,7 @@ def test_page_shows_the_pool_riding_through_a_restart(browser: object, tmp_path:
         ok_while_down = _number(text("traffic-ok"))
 
         wait_for(lambda: text("db-state") == "running", 30, "database running again")
-        wait_for(
-            lambda: _number(text("traffic-ok")) >= ok_while_down + 20, 30, "writes after the restart"
-        )
+        wait_for(lambda: _number(text("traffic-ok")) >= ok_while_down + 20, 30, "later writes")
         # Only requests in flight at the stop may have failed; everything held was answered.
         assert _number(text("traffic-503")) <= WORKERS
         assert ok_while_down - ok_at_restart <= WORKERS, "nothing was answered while it was down"
