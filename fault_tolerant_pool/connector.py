@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .classify import Classifier, Verdict, classify_with
+from .classify import Classifier, Verdict, classify_with, sqlstate_of
 from .errors import exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
@@ -101,8 +101,13 @@ class RetryingConnector:
         )
         dbapi = self.dbapi()
         dbapi_error = getattr(dbapi, "Error", None)
-        is_connect_failure = isinstance(error, OSError | asyncio.TimeoutError) or (
-            isinstance(dbapi_error, type) and isinstance(error, dbapi_error)
+        # A server's answer to the login carries a SQLSTATE even when the driver's exception is
+        # not the dialect's DBAPI Error: SQLAlchemy 2.0's asyncpg adapter does not translate
+        # connect-time errors (2.1 does), so a wrong password arrives as asyncpg's own class.
+        is_connect_failure = (
+            isinstance(error, OSError | asyncio.TimeoutError)
+            or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
+            or sqlstate_of(error) is not None
         )
         if not is_connect_failure:
             return error  # a bug or a bad argument, not a connection failure: keep it as it is
