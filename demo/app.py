@@ -187,8 +187,8 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
     sqlstate = _sqlstate(orig) or _sqlstate(exc)
     cause = orig if orig is not None else exc
     if sqlstate is not None and (sqlstate.startswith("28") or sqlstate == "3D000"):
-        # Only a login fails this way (authentication, unknown database). Reached when a driver
-        # error escapes unwrapped (asyncpg's on SQLAlchemy 2.0), not as ConnectRetriesExhausted.
+        # Only a login fails this way (authentication, unknown database). Reached only if a
+        # driver's own exception escapes SQLAlchemy's wrapper and the pool's.
         return {
             "error": "database unavailable",
             "reason": "connect_failed",
@@ -219,10 +219,10 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
 
 
 def _raw_driver_errors() -> tuple[type[Exception], ...]:
-    """Driver exceptions that can reach the app without SQLAlchemy's wrapper.
+    """Driver exceptions that could reach the app without SQLAlchemy's wrapper: a safety net.
 
-    With SQLAlchemy 2.0, asyncpg's connect-time errors other than ``OSError`` (a wrong password,
-    "the database system is starting up") come out of the pool as asyncpg's own exceptions.
+    SQLAlchemy 2.0's asyncpg adapter does not wrap connect-time errors; the pool wraps those that
+    carry a SQLSTATE, and this keeps the answer a clean 503 should any other one get through.
     """
     try:
         import asyncpg  # type: ignore[import-untyped]
