@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .classify import Classifier, Verdict, classify_with
+from .classify import Classifier, Verdict, classify_with, sqlstate_of
 from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer, withdraw
 from .errors import CredentialsError, exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
@@ -189,6 +189,7 @@ class RetryingConnector:
             isinstance(error, OSError | asyncio.TimeoutError | CredentialsError)
             or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
             or type(error).__module__.partition(".")[0] in DRIVER_PACKAGES
+            or sqlstate_of(error) is not None  # a server's answer, whatever the class
         )
         if not is_connect_failure:
             return error  # a bug or a bad argument, not a connection failure: keep it as it is

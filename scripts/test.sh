@@ -5,13 +5,14 @@
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k outage  # extra arguments go to pytest
 #
-# Installs (as root, when missing): PostgreSQL server and PgBouncer from Debian.
+# Installs (as root, when missing): PostgreSQL server, PgBouncer, and chromium with chromedriver
+# (for the demo page's browser test) from Debian.
 # Creates .venv (SQLAlchemy 2.1) and .venv-sa20 (SQLAlchemy 2.0) with the package and its extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS="asyncpg,psycopg,test"
+EXTRAS="asyncpg,psycopg,test,demo"
 
 need_apt=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -19,6 +20,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   need_apt+=(pgbouncer)
+fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  need_apt+=(chromium chromium-driver)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -39,14 +43,25 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+quiet() {  # run a command, showing its output only when it fails
+  local log
+  log=$(mktemp)
+  if ! "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+}
+
 setup_venv() {  # $1 = venv dir, $2 = SQLAlchemy requirement
   local venv=$1 sqla=$2
   if [ ! -x "$venv/bin/python" ]; then
     echo "== creating $venv"
     "$PYTHON" -m venv "$venv"
   fi
-  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -m pip install -q -e ".[$EXTRAS]" "$sqla" 2>&1 | grep -v "^WARNING: Location" || true
+  quiet "$venv/bin/python" -m pip install -q --upgrade pip
+  quiet "$venv/bin/python" -m pip install -q -e ".[$EXTRAS]" "$sqla"
   "$venv/bin/python" -c "import sqlalchemy, fault_tolerant_pool; print('   SQLAlchemy', sqlalchemy.__version__)"
 }
 

@@ -113,6 +113,29 @@ def test_permanent_error_fails_on_the_first_attempt() -> None:
     assert clock.sleeps == []
 
 
+class DriverOwnError(Exception):
+    """A driver's server error that is not the dialect's DBAPI Error (asyncpg on SQLAlchemy 2.0)."""
+
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize("sqlstate, transient", [("28P01", False), ("57P03", True)])
+def test_a_server_error_outside_the_dbapi_hierarchy_is_still_wrapped(
+    sqlstate: str, transient: bool
+) -> None:
+    clock, counters = Clock(), ConnectCounters()
+    errors: list[BaseException] = [DriverOwnError("no", sqlstate) for _ in range(100)]
+    connect = make(flaky(errors, clock), clock, counters, deadline=1.0)
+    with pytest.raises(FakeDBAPI.OperationalError) as info:
+        connect(None)
+    assert isinstance(info.value, ConnectRetriesExhausted)
+    assert info.value.transient is transient
+    assert isinstance(info.value.__cause__, DriverOwnError)
+    assert getattr(info.value, "sqlstate", None) == sqlstate
+
+
 def test_a_bug_in_the_creator_is_not_disguised() -> None:
     clock, counters = Clock(), ConnectCounters()
     connect = make(flaky([TypeError("bad connect_args")], clock), clock, counters)

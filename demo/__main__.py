@@ -1,0 +1,268 @@
+"""``python -m demo``: serve the demo; ``python -m demo restart-db``: restart its embedded database.
+
+    python -m demo                      # throwaway PostgreSQL, http://127.0.0.1:8000/
+    DATABASE_URL=postgresql://app:pw@db/app python -m demo
+    DATABASE_URL=postgresql://app:pw@pgbouncer:6432/app python -m demo --pool null
+    python -m demo restart-db --down-for 3       # from a second terminal
+
+Ctrl-C stops the server and everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from types import FrameType
+from typing import Any
+
+from .settings import ENVIRONMENT_VARIABLES, Settings, SettingsError
+
+log = logging.getLogger("demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    if args.command == "restart-db":
+        return restart_db(args.url, args.down_for, wait=not args.no_wait)
+    try:
+        settings = Settings.from_environ(
+            os.environ,
+            host=args.host,
+            port=args.port,
+            pool=args.pool,
+            retry_deadline=args.retry_deadline,
+        )
+    except SettingsError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    variables = "\n".join(f"  {name:<28} {doc}" for name, doc in ENVIRONMENT_VARIABLES.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m demo",
+        description="The fault_tolerant_pool demo service (FastAPI on uvicorn).",
+        epilog="environment variables:\n" + variables,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "restart-db"])
+    parser.add_argument("--host", help="listen address (DEMO_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (DEMO_PORT, default 8000; 0: any)")
+    parser.add_argument(
+        "--pool", choices=["queue", "null"],
+        help="queue: FaultTolerantQueuePool; null: FaultTolerantNullPool for a PgBouncer URL "
+        "(DEMO_POOL, default queue)",
+    )  # fmt: skip
+    parser.add_argument("--retry-deadline", type=float, help="DEMO_RETRY_DEADLINE, default 10")
+    restart = parser.add_argument_group("restart-db")
+    restart.add_argument(
+        "--url", default=None,
+        help="the running demo (default http://127.0.0.1:$DEMO_PORT, i.e. port 8000)",
+    )  # fmt: skip
+    restart.add_argument(
+        "--down-for", type=float, default=2.0, help="seconds the database stays down (default 2)"
+    )
+    restart.add_argument("--no-wait", action="store_true", help="return once the restart has begun")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# serve
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that the clean-up code runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+def serve(settings: Settings) -> int:
+    """Start the embedded database if needed, the app, and uvicorn; clean up on Ctrl-C."""
+    # uvicorn handles SIGINT/SIGTERM for a graceful shutdown, then re-raises the signal with the
+    # handler that was there before it: ours, so that the finally blocks below run either way.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"demo: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    embedded = None
+    telemetry = None
+    try:
+        if settings.database_url is None:
+            embedded = _start_embedded()
+            if embedded is None:
+                return 1
+            settings = settings.replace(database_url=embedded.url("asyncpg"))
+        import uvicorn
+
+        from .app import create_app
+        from .telemetry import install
+
+        telemetry = install(settings)
+        port = sock.getsockname()[1]
+        app = create_app(
+            settings,
+            database=embedded,
+            on_ready=lambda: _print_banner(settings, port, embedded),
+        )
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=3,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    except (KeyboardInterrupt, _Terminated):
+        pass
+    finally:
+        sock.close()
+        if telemetry is not None:
+            telemetry.shutdown()
+        if embedded is not None:
+            embedded.destroy()
+    print("demo stopped" + (" (embedded PostgreSQL deleted)" if embedded is not None else ""),
+          flush=True)  # fmt: skip
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _start_embedded() -> Any:
+    from fault_tolerant_pool.testing import ServerUnavailable
+
+    from .embedded import EmbeddedDatabase
+
+    print("starting a throwaway PostgreSQL (no DATABASE_URL given) ...", flush=True)
+    try:
+        database = EmbeddedDatabase()
+    except ServerUnavailable as exc:
+        print(
+            f"demo: {exc}\n"
+            "Install PostgreSQL (bash scripts/demo.sh does it on Debian) or set DATABASE_URL.",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        database.start()
+    except BaseException:
+        database.destroy()
+        raise
+    return database
+
+
+def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    url = settings.url
+    pool = "FaultTolerantNullPool" if settings.pool == "null" else "FaultTolerantQueuePool"
+    if embedded is not None:
+        database = (
+            f"embedded PostgreSQL on 127.0.0.1:{embedded.server.port} "
+            f"(throwaway, data in {embedded.server.workdir}, deleted on exit)"
+        )
+    else:
+        database = url.render_as_string(hide_password=True)
+    lines = [
+        "",
+        "fault_tolerant_pool demo",
+        f"  database   {database}",
+        f"  pool       {pool} ({url.get_driver_name()}, "
+        f"retry_deadline={settings.retry_deadline:g}s)",
+        f"  page       {base}/",
+        f"  endpoints  {base}/pg_version/  {base}/notes/  {base}/health  {base}/metrics  "
+        f"{base}/docs",
+    ]
+    if settings.otlp_endpoint:
+        lines.append(f"  traces     OTLP/HTTP to {settings.otlp_endpoint}")
+    if embedded is not None:
+        restart = "python -m demo restart-db" + (f" --url {base}" if port != 8000 else "")
+        lines.append(f"  restart    {restart}   (or the button on the page)")
+    lines += ["Ctrl-C stops everything.", ""]
+    print("\n".join(lines), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# restart-db
+
+
+def restart_db(url: str | None, down_for: float, wait: bool = True) -> int:
+    """Ask the running demo to restart its embedded database; wait until it is back."""
+    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
+    request = urllib.request.Request(
+        f"{base}/_demo/restart-db?down_for={down_for}",
+        method="POST",
+        headers={"X-Demo-Action": "restart-db"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            print("demo: this demo does not run its own database (DATABASE_URL is set), so it "
+                  "cannot restart it; restart your server yourself", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"demo: restart refused ({exc.code}): {exc.read().decode(errors='replace')}",
+                  file=sys.stderr)  # fmt: skip
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"demo: no demo answers at {base} ({exc}); start it with python -m demo",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    number = answer["restart"]
+    print(f"restart {number}: stopping the embedded PostgreSQL (fast shutdown), "
+          f"down for {down_for:g}s ...", flush=True)  # fmt: skip
+    if not wait:
+        return 0
+    deadline = time.monotonic() + down_for + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+                health = json.load(response)
+        except (urllib.error.URLError, OSError):
+            continue
+        database = health["database"]
+        restarts = {r["number"]: r for r in database.get("restarts", [])}
+        done = restarts.get(number)
+        if database["state"] == "failed":
+            print("demo: the database failed to start again; see the demo's log", file=sys.stderr)
+            return 1
+        if done and done["started_at"] is not None and database["state"] == "running":
+            print(f"back: accepting connections {done['started_at'] - done['stopped_at']:.2f}s "
+                  f"after the stop. Requests so far: {health['requests']['ok']} ok, "
+                  f"{health['requests']['unavailable']} answered 503.")  # fmt: skip
+            return 0
+    print("demo: the database did not come back within a minute", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The FastAPI application: a few database endpoints, the pool's health, metrics and a live page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from fault_tolerant_pool import ConnectRetriesExhausted, PoolStats
+
+from . import db
+from .embedded import EmbeddedDatabase
+from .settings import Settings
+from .telemetry import PoolCollector, RequestCounters, RequestObserver, db_span, render_metrics
+
+log = logging.getLogger("demo")
+
+#: One sample a second, kept for ten minutes (the page shows the last five).
+SAMPLE_INTERVAL = 1.0
+HISTORY_LENGTH = 600
+#: A connect failure this recent makes /health say "degraded".
+DEGRADED_FOR = 10.0
+#: Header the restart endpoint requires: a cross-site form cannot send it without a CORS
+#: preflight, which this app never grants.
+ADMIN_HEADER = "x-demo-action"
+
+_PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+class NoteIn(BaseModel):
+    text: str = Field(min_length=1, max_length=500)
+
+
+class DemoState:
+    """Everything one app instance holds: the engine, counters, the history the page draws."""
+
+    def __init__(self, settings: Settings, database: EmbeddedDatabase | None) -> None:
+        self.settings = settings
+        self.database = database
+        self.engine: AsyncEngine | None = None
+        self.requests = RequestCounters()
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LENGTH)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(PoolCollector(self.stats, self.requests, settings.service_name))
+        self.started_at = time.time()
+        self.restart_task: asyncio.Task[None] | None = None
+        url = settings.url
+        self.driver = url.get_driver_name()
+        self.server_attributes = {
+            "server.address": url.host or "",
+            "server.port": url.port or 5432,
+            "db.namespace": url.database or "",
+        }
+
+    def stats(self) -> PoolStats | None:
+        return db.pool_stats(self.engine) if self.engine is not None else None
+
+    @property
+    def db_state(self) -> str:
+        return self.database.state if self.database is not None else "external"
+
+    def sample(self) -> dict[str, Any]:
+        stats = self.stats()
+        requests = self.requests
+        return {
+            "t": round(time.time(), 3),
+            "idle": stats.checked_in if stats else 0,
+            "used": stats.checked_out if stats else 0,
+            "attempts": stats.attempts if stats else 0,
+            "failures": stats.failed_attempts if stats else 0,
+            "give_ups": stats.give_ups if stats else 0,
+            "ok": requests.ok,
+            "unavailable": requests.unavailable,
+            "errors": requests.errors,
+            "in_flight": requests.in_flight,
+            "slowest_ms": round(requests.take_slowest() * 1000, 1),
+            "db": self.db_state,
+        }
+
+    async def sample_forever(self) -> None:
+        while True:
+            self.history.append(self.sample())
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    def health(self) -> dict[str, Any]:
+        """The pool's state as JSON: no URL, host, user or password, ever."""
+        now = time.time()
+        stats = self.stats()
+        pool: dict[str, Any] = {"kind": self.settings.pool}
+        if self.engine is not None and stats is not None:
+            last = stats.last_error
+            pool.update(
+                {
+                    "class": type(self.engine.pool).__name__,
+                    "size": stats.size,
+                    "max_overflow": self.settings.max_overflow if self.settings.pool == "queue"
+                    else None,
+                    "idle": stats.checked_in,
+                    "used": stats.checked_out,
+                    "checked_out": stats.checked_out,
+                    "overflow": stats.overflow,
+                    "connects": stats.connects,
+                    "connect_attempts": stats.attempts,
+                    "connect_failures": stats.failed_attempts,
+                    "give_ups": stats.give_ups,
+                    "last_error": None if last is None else {
+                        "class": last.error_class,
+                        "sqlstate": last.sqlstate,
+                        "at": round(last.at, 3),
+                        "seconds_ago": round(max(0.0, now - last.at), 1),
+                    },
+                    "retry_deadline": self.settings.retry_deadline,
+                }
+            )  # fmt: skip
+        recent_failure = (
+            stats is not None
+            and stats.last_error is not None
+            and (now - stats.last_error.at < DEGRADED_FOR)
+        )
+        status = "ok"
+        if self.engine is None or self.db_state not in ("running", "external") or recent_failure:
+            status = "degraded"
+        database: dict[str, Any] = {
+            "driver": self.driver,
+            "embedded": self.database is not None,
+            "state": self.db_state,
+            "can_restart": self.database is not None,
+        }
+        if self.database is not None:
+            database["restarts"] = [
+                {"number": r.number, "stopped_at": r.stopped_at, "started_at": r.started_at}
+                for r in self.database.restarts
+            ]
+        return {
+            "status": status,
+            "service": self.settings.service_name,
+            "time": round(now, 3),
+            "uptime_seconds": round(now - self.started_at, 1),
+            "pool": pool,
+            "database": database,
+            "requests": self.requests.as_dict(),
+        }
+
+
+def database_error_body(exc: BaseException) -> dict[str, Any]:
+    """A 503 body that says what happened in terms of classes and SQLSTATEs, never messages.
+
+    Driver messages can carry host names, user names or (before scrubbing) connection strings;
+    the reason is built from structured fields only.
+    """
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, ConnectRetriesExhausted):
+        last = orig.last_error
+        return {
+            "error": "database unavailable",
+            "reason": "connect_retries_exhausted" if orig.transient else "connect_failed",
+            "detail": (
+                f"could not connect after {orig.attempts} attempt"
+                f"{'s' if orig.attempts != 1 else ''} in {orig.elapsed:.1f}s"
+                + ("" if orig.transient else " (permanent error, not retried)")
+            ),
+            "error_class": type(last).__name__,
+            "sqlstate": _sqlstate(orig) or _sqlstate(last),
+        }
+    if isinstance(exc, sa.exc.TimeoutError):
+        return {
+            "error": "database unavailable",
+            "reason": "pool_timeout",
+            "detail": "no pooled connection became free within pool_timeout",
+            "error_class": type(exc).__name__,
+            "sqlstate": None,
+        }
+    sqlstate = _sqlstate(orig) or _sqlstate(exc)
+    cause = orig if orig is not None else exc
+    if sqlstate is not None and (sqlstate.startswith("28") or sqlstate == "3D000"):
+        # Only a login fails this way (authentication, unknown database). Reached only if a
+        # driver's own exception escapes SQLAlchemy's wrapper and the pool's.
+        return {
+            "error": "database unavailable",
+            "reason": "connect_failed",
+            "detail": "the database refused the login (permanent error, not retried)",
+            "error_class": type(cause).__name__,
+            "sqlstate": sqlstate,
+        }
+    lost = (
+        (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
+        or isinstance(cause, OSError)
+        or (sqlstate is not None and (sqlstate.startswith("08") or sqlstate.startswith("57P")))
+    )
+    if lost:
+        return {
+            "error": "database unavailable",
+            "reason": "connection_lost",
+            "detail": "the connection broke while the statement ran; it was not replayed",
+            "error_class": type(cause).__name__,
+            "sqlstate": sqlstate,
+        }
+    return {
+        "error": "database error",
+        "reason": "database_error",
+        "detail": "the database refused the statement",
+        "error_class": type(cause).__name__,
+        "sqlstate": sqlstate,
+    }
+
+
+def _raw_driver_errors() -> tuple[type[Exception], ...]:
+    """Driver exceptions that could reach the app without SQLAlchemy's wrapper: a safety net.
+
+    SQLAlchemy 2.0's asyncpg adapter does not wrap connect-time errors; the pool wraps those that
+    carry a SQLSTATE, and this keeps the answer a clean 503 should any other one get through.
+    """
+    try:
+        import asyncpg  # type: ignore[import-untyped]
+    except ImportError:
+        return ()
+    return (asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _sqlstate(error: object) -> str | None:
+    for attr in ("sqlstate", "pgcode"):
+        value = getattr(error, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host in ("localhost", "testclient"):  # Starlette's TestClient says "testclient"
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(
+    settings: Settings,
+    *,
+    database: EmbeddedDatabase | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The demo app on ``settings.database_url``.
+
+    ``database``: the embedded server behind that URL, if the demo started it; only then is the
+    restart endpoint there. ``on_ready`` runs once the schema exists (the CLI prints its URLs).
+    """
+    state = DemoState(settings, database)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine = db.make_engine(settings)
+        sampler = asyncio.create_task(state.sample_forever())
+        try:
+            await db.create_schema(state.engine, settings.startup_timeout)
+            if on_ready is not None:
+                on_ready()
+            yield
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            if state.restart_task is not None:
+                with contextlib.suppress(Exception):
+                    await state.restart_task
+            await state.engine.dispose()
+
+    options: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        # FastAPI's own OpenTelemetry (recent versions) would duplicate RequestObserver's spans
+        # and durations; one behaviour across FastAPI versions is easier to explain.
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(
+        title="fault_tolerant_pool demo",
+        description="A service on FaultTolerantQueuePool / FaultTolerantNullPool.",
+        lifespan=lifespan,
+        **options,
+    )
+    app.state.demo = state
+    app.add_middleware(RequestObserver, counters=state.requests)
+
+    def engine() -> AsyncEngine:
+        if state.engine is None:
+            raise RuntimeError("the app is not started (lifespan not run)")
+        return state.engine
+
+    # -- errors ------------------------------------------------------------------------------------
+
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        body = database_error_body(exc)
+        log.warning(
+            "%s %s -> %s (%s, %s)",
+            request.method, request.url.path, body["reason"], body["error_class"],
+            body["sqlstate"],
+        )  # fmt: skip
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"error": "internal error", "error_class": type(exc).__name__}, status_code=500
+        )
+
+    for error in (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError, *_raw_driver_errors()):
+        app.add_exception_handler(error, database_unavailable)
+    app.add_exception_handler(Exception, internal_error)
+
+    # -- database endpoints ------------------------------------------------------------------------
+
+    server = state.server_attributes
+
+    @app.get("/pg_version/")
+    async def pg_version() -> dict[str, str]:
+        """The database server's version string."""
+        with db_span("SELECT", None, server):
+            return {"version": await db.server_version(engine())}
+
+    @app.post("/notes/", status_code=201)
+    async def add_note(note: NoteIn) -> dict[str, Any]:
+        """Write a row; its id comes back."""
+        with db_span("INSERT", "demo_notes", server):
+            return await db.add_note(engine(), note.text)
+
+    @app.get("/notes/")
+    async def list_notes(limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
+        """The newest rows and how many there are."""
+        with db_span("SELECT", "demo_notes", server):
+            count, notes = await db.latest_notes(engine(), limit)
+        return {"count": count, "notes": notes}
+
+    @app.get("/notes/{note_id}")
+    async def get_note(note_id: int) -> dict[str, Any]:
+        with db_span("SELECT", "demo_notes", server):
+            note = await db.get_note(engine(), note_id)
+        if note is None:
+            raise HTTPException(404, f"no note {note_id}")
+        return note
+
+    # -- the pool, metrics, the page ---------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """The pool's state (no database round trip)."""
+        return state.health()
+
+    @app.get("/health/history")
+    async def history(after: float = 0.0) -> dict[str, Any]:
+        """One sample a second for the last ten minutes; only those newer than ``after``."""
+        return {
+            "interval": SAMPLE_INTERVAL,
+            "samples": [s for s in state.history if s["t"] > after],
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text: OpenTelemetry metrics of the process and the pool's own counters."""
+        return Response(render_metrics(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
+
+    if database is not None:
+
+        @app.post("/_demo/restart-db", status_code=202)
+        async def restart_db(
+            request: Request, down_for: float = Query(2.0, ge=0.0, le=30.0)
+        ) -> dict[str, Any]:
+            """Restart the embedded PostgreSQL (fast shutdown, down for ``down_for`` seconds)."""
+            if request.headers.get(ADMIN_HEADER) != "restart-db":
+                raise HTTPException(403, f"send the header {ADMIN_HEADER}: restart-db")
+            if not _is_loopback(request.client.host if request.client else None):
+                raise HTTPException(403, "only from this machine")
+            if not database.begin_restart():
+                raise HTTPException(409, "a restart is already under way")
+            number = len(database.restarts) + 1
+            state.restart_task = asyncio.create_task(asyncio.to_thread(database.restart, down_for))
+            return {"restart": number, "down_for": down_for, "state": "stopping"}
+
+    return app

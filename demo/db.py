@@ -1,0 +1,149 @@
+"""The demo's database side: the engine on a fault-tolerant pool, its schema and its queries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from fault_tolerant_pool import FaultTolerantNullPool, FaultTolerantQueuePool, PoolStats
+
+from .settings import Settings
+
+log = logging.getLogger("demo.db")
+
+metadata = sa.MetaData()
+notes = sa.Table(
+    "demo_notes",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+#: Two demos (pooled and through PgBouncer) may start at once on one database: the advisory
+#: lock makes their ``CREATE TABLE IF NOT EXISTS`` take turns (it is not race-free on its own).
+_SCHEMA_LOCK = 0x6674_706F  # "ftpo"
+_SCHEMA = [
+    sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_SCHEMA_LOCK),
+    sa.text(
+        "CREATE TABLE IF NOT EXISTS demo_notes ("
+        " id bigserial PRIMARY KEY,"
+        " body text NOT NULL,"
+        " created_at timestamptz NOT NULL DEFAULT now())"
+    ),
+]
+
+
+def _prepared_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
+
+
+def make_engine(settings: Settings) -> AsyncEngine:
+    """An async engine on ``FaultTolerantQueuePool`` (or ``FaultTolerantNullPool`` for PgBouncer).
+
+    Each connect attempt gets the driver's own timeout (``connect_timeout``), so a stalled
+    network costs one attempt, not the whole retry deadline. With the null pool the driver makes
+    no named server-side prepared statements, which PgBouncer in transaction mode cannot keep.
+    """
+    url = settings.url
+    asyncpg = url.get_driver_name() == "asyncpg"
+    connect_args: dict[str, Any] = {}
+    if asyncpg:
+        connect_args["timeout"] = settings.connect_timeout
+    else:
+        connect_args["connect_timeout"] = max(1, round(settings.connect_timeout))
+    pool_kw: dict[str, Any] = {"retry_deadline": settings.retry_deadline}
+    if settings.pool == "null":
+        poolclass: type = FaultTolerantNullPool
+        if asyncpg:
+            connect_args.update(
+                statement_cache_size=0,
+                prepared_statement_cache_size=0,
+                prepared_statement_name_func=_prepared_statement_name,
+            )
+        else:
+            connect_args["prepare_threshold"] = None
+    else:
+        poolclass = FaultTolerantQueuePool
+        pool_kw.update(
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_pre_ping=True,  # a connection the restart killed is noticed at checkout
+            pool_timeout=settings.retry_deadline + 20,
+        )
+    return create_async_engine(
+        url,
+        poolclass=poolclass,
+        connect_args=connect_args,
+        pool_logging_name=settings.service_name,
+        **pool_kw,
+    )
+
+
+def pool_stats(engine: AsyncEngine) -> PoolStats:
+    stats: PoolStats = engine.pool.stats()  # type: ignore[attr-defined]
+    return stats
+
+
+async def create_schema(engine: AsyncEngine, timeout: float) -> None:
+    """Create the table, waiting up to ``timeout`` seconds for the database to come up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with engine.begin() as conn:
+                for statement in _SCHEMA:
+                    await conn.execute(statement)
+            return
+        except (sa.exc.DBAPIError, OSError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("database not ready for the schema yet (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+
+async def server_version(engine: AsyncEngine) -> str:
+    async with engine.connect() as conn:
+        version: str = (await conn.execute(sa.text("SELECT version()"))).scalar_one()
+    return version
+
+
+async def add_note(engine: AsyncEngine, body: str) -> dict[str, Any]:
+    async with engine.begin() as conn:
+        row = (
+            await conn.execute(
+                sa.insert(notes)
+                .values(body=body, created_at=sa.func.now())
+                .returning(notes.c.id, notes.c.body, notes.c.created_at)
+            )
+        ).one()
+    return _note(row)
+
+
+async def get_note(engine: AsyncEngine, note_id: int) -> dict[str, Any] | None:
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(notes).where(notes.c.id == note_id))).one_or_none()
+    return None if row is None else _note(row)
+
+
+async def latest_notes(engine: AsyncEngine, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """The total number of notes and the ``limit`` newest ones, in one round trip."""
+    total = sa.select(sa.func.count()).select_from(notes).scalar_subquery()
+    query = sa.select(notes, total.label("total")).order_by(notes.c.id.desc()).limit(limit)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+        if not rows:
+            count = (await conn.execute(sa.select(sa.func.count()).select_from(notes))).scalar()
+            return int(count or 0), []
+    return int(rows[0].total), [_note(row) for row in rows]
+
+
+def _note(row: Any) -> dict[str, Any]:
+    created: datetime = row.created_at
+    return {"id": row.id, "text": row.body, "created_at": created.isoformat()}

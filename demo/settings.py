@@ -1,0 +1,138 @@
+"""The demo's settings: environment variables (the docker-compose file sets them) and CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.engine import URL, make_url
+
+PoolKind = Literal["queue", "null"]
+
+#: Every environment variable the demo reads; the compose file may set no other for the demo.
+ENVIRONMENT_VARIABLES: dict[str, str] = {
+    "DATABASE_URL": "SQLAlchemy or libpq-style URL; unset: start a throwaway PostgreSQL",
+    "DEMO_POOL": "queue (FaultTolerantQueuePool, straight to PostgreSQL) or null "
+    "(FaultTolerantNullPool, for a PgBouncer URL in transaction mode)",
+    "DEMO_HOST": "address to listen on (default 127.0.0.1)",
+    "DEMO_PORT": "port to listen on (default 8000; 0 picks a free one)",
+    "DEMO_POOL_SIZE": "pool_size of the queue pool (default 5)",
+    "DEMO_MAX_OVERFLOW": "max_overflow of the queue pool (default 10)",
+    "DEMO_RETRY_DEADLINE": "retry_deadline in seconds (default 10)",
+    "DEMO_CONNECT_TIMEOUT": "the driver's own timeout for one connect attempt, seconds (default 5)",
+    "DEMO_STARTUP_TIMEOUT": "how long startup waits for the database to create the schema "
+    "(default 60)",
+    "OTEL_SERVICE_NAME": "service name of traces and metrics (default fault-tolerant-pool-demo)",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "send traces over OTLP/HTTP there, e.g. http://jaeger:4318",
+}
+
+_DRIVERS = {
+    # scheme as written by users -> SQLAlchemy async driver name
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "postgresql+psycopg": "postgresql+psycopg_async",
+    "postgresql+psycopg_async": "postgresql+psycopg_async",
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the demo cannot use; the message names the variable."""
+
+
+def database_url(raw: str) -> URL:
+    """Parse a database URL into the async SQLAlchemy URL the demo uses.
+
+    ``postgres://`` and ``postgresql://`` mean asyncpg; ``postgresql+psycopg://`` means psycopg 3's
+    async flavour. Sync-only drivers are refused (the demo is an asyncio service).
+    """
+    try:
+        url = make_url(raw)
+    except Exception:
+        raise SettingsError("DATABASE_URL is not a valid database URL") from None
+    driver = _DRIVERS.get(url.drivername)
+    if driver is None:
+        raise SettingsError(
+            f"DATABASE_URL uses {url.drivername!r}; the demo speaks postgresql+asyncpg:// "
+            "(also postgres:// and postgresql://) or postgresql+psycopg://"
+        )
+    return url.set(drivername=driver)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one demo process runs with."""
+
+    database_url: str | None = None
+    """``None``: the demo starts a throwaway PostgreSQL of its own."""
+    pool: PoolKind = "queue"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    pool_size: int = 5
+    max_overflow: int = 10
+    retry_deadline: float = 10.0
+    connect_timeout: float = 5.0
+    startup_timeout: float = 60.0
+    service_name: str = "fault-tolerant-pool-demo"
+    otlp_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("queue", "null"):
+            raise SettingsError(f"DEMO_POOL must be 'queue' or 'null', got {self.pool!r}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"DEMO_PORT must be a TCP port, got {self.port}")
+        for name, value, low in (
+            ("DEMO_POOL_SIZE", self.pool_size, 1),
+            ("DEMO_MAX_OVERFLOW", self.max_overflow, 0),
+        ):
+            if value < low:
+                raise SettingsError(f"{name} must be at least {low}, got {value}")
+        for name, seconds in (
+            ("DEMO_RETRY_DEADLINE", self.retry_deadline),
+            ("DEMO_CONNECT_TIMEOUT", self.connect_timeout),
+            ("DEMO_STARTUP_TIMEOUT", self.startup_timeout),
+        ):
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise SettingsError(f"{name} must be a positive number of seconds, got {seconds}")
+        if self.database_url is not None:
+            database_url(self.database_url)  # validates
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Settings from environment variables (see :data:`ENVIRONMENT_VARIABLES`)."""
+        values: dict[str, Any] = {}
+        for field, variable, convert in (
+            ("database_url", "DATABASE_URL", str),
+            ("pool", "DEMO_POOL", lambda v: v.strip().lower()),
+            ("host", "DEMO_HOST", str),
+            ("port", "DEMO_PORT", int),
+            ("pool_size", "DEMO_POOL_SIZE", int),
+            ("max_overflow", "DEMO_MAX_OVERFLOW", int),
+            ("retry_deadline", "DEMO_RETRY_DEADLINE", float),
+            ("connect_timeout", "DEMO_CONNECT_TIMEOUT", float),
+            ("startup_timeout", "DEMO_STARTUP_TIMEOUT", float),
+            ("service_name", "OTEL_SERVICE_NAME", str),
+            ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", str),
+        ):
+            raw = environ.get(variable, "").strip()
+            if not raw:
+                continue
+            try:
+                values[field] = convert(raw)
+            except ValueError:
+                raise SettingsError(f"{variable} has an invalid value {raw!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def url(self) -> URL:
+        """The async SQLAlchemy URL (raises if there is none yet)."""
+        if self.database_url is None:
+            raise SettingsError("no database URL (the embedded database is not started)")
+        return database_url(self.database_url)

@@ -1,0 +1,136 @@
+"""The README's main command, ``python -m demo``, as a user runs it: a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import httpx
+import pytest
+
+from fault_tolerant_pool.testing import PostgresServer
+from fault_tolerant_pool.testing.pytest_plugin import _require
+
+from .helpers import ROOT, OtlpReceiver, demo_command, demo_env, demo_process, wait_until
+
+pytestmark = pytest.mark.db
+
+
+def refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
+    from fault_tolerant_pool.testing import find_postgres_bindir
+
+    _require(find_postgres_bindir)  # skip (or, in CI, fail) without PostgreSQL
+    with OtlpReceiver() as otlp:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_SERVICE_NAME": "demo-under-test",
+        }
+        with demo_process(env=env) as demo:
+            database = demo.banner_value("database")
+            match = re.search(r"127\.0\.0\.1:(\d+) \(throwaway, data in (\S+),", database)
+            assert match, database
+            pg_port, workdir = int(match.group(1)), match.group(2)
+            assert os.path.isdir(workdir)
+            assert "FaultTolerantQueuePool (asyncpg" in demo.banner_value("pool")
+            assert demo.banner_value("traces") == f"OTLP/HTTP to {otlp.endpoint}"
+
+            with httpx.Client(base_url=demo.base_url, timeout=30) as client:
+                response = client.get("/pg_version/")
+                assert response.status_code == 200
+                assert response.json()["version"].startswith("PostgreSQL")
+                assert client.post("/notes/", json={"text": "kept"}).status_code == 201
+
+                metrics = client.get("/metrics").text
+                # OpenTelemetry through the global MeterProvider's Prometheus reader ...
+                assert re.search(
+                    r'^http_server_request_duration_seconds_count\{.*http_route="/pg_version/"'
+                    r'.*otel_scope_name="demo".*\} 1\.0$', metrics, re.M,
+                ), metrics  # fmt: skip
+                assert 'service_name="demo-under-test"' in metrics  # target_info
+                # ... and the pool's own counters.
+                assert 'fault_tolerant_pool_connects_total{pool="demo-under-test"}' in metrics
+
+                # The second command restarts the embedded database while the demo runs.
+                restart = subprocess.run(
+                    demo_command("restart-db", "--url", demo.base_url, "--down-for", "0.5"),
+                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=90,
+                )  # fmt: skip
+                assert restart.returncode == 0, restart.stdout + restart.stderr
+                assert "restart 1: stopping the embedded PostgreSQL" in restart.stdout
+                assert re.search(r"back: accepting connections \d+\.\d+s after", restart.stdout)
+                assert client.get("/pg_version/").status_code == 200
+                assert client.get("/notes/").json()["count"] == 1
+                health = client.get("/health").json()
+                assert health["database"]["embedded"] is True
+                assert health["database"]["state"] == "running"
+                assert len(health["database"]["restarts"]) == 1
+
+            assert demo.stop(signal.SIGINT) == 0, demo.output
+            assert "demo stopped (embedded PostgreSQL deleted)" in demo.output
+            assert "Traceback" not in demo.output, demo.output
+        assert not os.path.exists(workdir), "the embedded database's directory is removed"
+        assert refuses(pg_port), "the embedded PostgreSQL is stopped"
+
+        # Spans went out over OTLP: the request (server) and its database operation (client).
+        assert wait_until(lambda: bool(otlp.requests), 10)
+        spans = otlp.spans()
+        assert {service for service, _, _ in spans} == {"demo-under-test"}
+        request = [a for _, name, a in spans if name == "GET /pg_version/"]
+        assert request and request[0]["http.response.status_code"] == 200
+        children = [
+            (name, a)
+            for _, name, a in spans
+            if a["_parent_id"] == request[0]["_span_id"] and a.get("db.system.name")
+        ]
+        assert children and children[0][1]["db.system.name"] == "postgresql"
+        assert children[0][1]["server.port"] == pg_port
+
+
+def test_database_url_is_used_and_left_running(pg_server: PostgresServer) -> None:
+    # A libpq-style URL: postgresql:// means asyncpg.
+    url = pg_server.url(None)
+    assert url.startswith("postgresql://")
+    with demo_process(env={"DATABASE_URL": url}) as demo:
+        assert pg_server.password not in demo.output, "the banner hides the password"
+        assert "***" in demo.banner_value("database")
+        with httpx.Client(base_url=demo.base_url, timeout=30) as client:
+            assert client.get("/pg_version/").status_code == 200
+            health = client.get("/health").json()
+            assert health["database"]["embedded"] is False
+            assert pg_server.password not in str(health)
+        refused = subprocess.run(
+            demo_command("restart-db", "--url", demo.base_url),
+            cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "does not run its own database" in refused.stderr
+        assert demo.stop(signal.SIGTERM) == 0, demo.output
+        assert "demo stopped" in demo.output
+    assert pg_server.is_running, "a server the demo did not start is left alone"
+    assert pg_server.execute("SELECT count(*) FROM demo_notes") == [("0",)]
+
+
+def test_bad_settings_are_refused_by_name() -> None:
+    result = subprocess.run(
+        demo_command(),
+        cwd=ROOT,
+        env=demo_env({"DATABASE_URL": "mysql://u:hunter2@db/x", "DEMO_PORT": "0"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "DATABASE_URL uses 'mysql'" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout

@@ -1,0 +1,138 @@
+"""The live page in a real headless browser (Debian's chromium driven through chromedriver).
+
+The page's own traffic (four workers writing rows) runs while the test presses "Restart the
+database"; a screenshot is taken during the outage. Set ``DEMO_SCREENSHOT=docs/demo-outage.png``
+to keep it (that is how the README's picture is made).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import in_ci
+from .helpers import ROOT, demo_process
+
+pytestmark = [pytest.mark.db, pytest.mark.browser]
+
+WORKERS = 4  # the page's traffic workers (index.html)
+DOWN_FOR = "5"
+
+
+def _browser_binaries() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    missing = [p for p in (chromium, driver) if not os.access(p, os.X_OK)]
+    if missing:
+        message = (
+            f"browser test needs Debian's chromium and chromium-driver (missing: {missing}); "
+            "bash scripts/test.sh installs them as root"
+        )
+        if in_ci():
+            pytest.fail(message + " (CI is set, so this fails instead of skipping)", pytrace=False)
+        pytest.skip(message)
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        if in_ci():
+            raise
+        pytest.skip("selenium is not installed (the test extra)")
+    return chromium, driver
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    chromium, chromedriver = _browser_binaries()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="demo-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _number(text: str) -> int:
+    digits = "".join(ch for ch in text.split(" ")[0] if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def test_page_shows_the_pool_riding_through_a_restart(browser: object, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    assert isinstance(browser, WebDriver)
+    driver = browser
+
+    def text(element_id: str) -> str:
+        return str(driver.find_element(By.ID, element_id).text)
+
+    def wait_for(condition: object, timeout: float, what: str) -> None:
+        WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+            lambda _: condition(),  # type: ignore[operator]
+            message=f"page never showed: {what}",
+        )
+
+    with demo_process() as demo:
+        driver.get(demo.base_url + "/")
+        assert driver.title == "fault_tolerant_pool demo"
+        wait_for(lambda: text("db-state") == "running", 20, "database running")
+        wait_for(lambda: _number(text("traffic-ok")) >= 20, 20, "the page's writes succeeding")
+        assert "FaultTolerantAsyncQueuePool" in text("pool-desc")
+        assert _number(text("failures")) == 0
+        if os.environ.get("DEMO_SCREENSHOT"):
+            time.sleep(25)  # for the README's picture: some calm history before the outage
+
+        Select(driver.find_element(By.ID, "down-for")).select_by_visible_text(DOWN_FOR)
+        driver.find_element(By.ID, "restart").click()
+        wait_for(lambda: text("db-state") in ("stopping", "down"), 10, "database down")
+        restart_clicked = time.monotonic()
+        ok_at_restart = _number(text("traffic-ok"))
+        # While down: the page's requests wait (none is answered), failed attempts are counted.
+        wait_for(lambda: "waiting" in text("traffic-inflight"), 10, "requests waiting")
+        wait_for(lambda: _number(text("failures")) > 0, 10, "failed connect attempts")
+        time.sleep(max(0.0, restart_clicked + 2.5 - time.monotonic()))  # let the charts draw it
+        assert text("db-state") == "down", "the screenshot must show the outage"
+        shot = tmp_path / "demo-outage.png"
+        assert driver.save_screenshot(str(shot))
+        ok_while_down = _number(text("traffic-ok"))
+
+        wait_for(lambda: text("db-state") == "running", 30, "database running again")
+        wait_for(lambda: _number(text("traffic-ok")) >= ok_while_down + 20, 30, "later writes")
+        # Only requests in flight at the stop may have failed; everything held was answered.
+        assert _number(text("traffic-503")) <= WORKERS
+        assert ok_while_down - ok_at_restart <= WORKERS, "nothing was answered while it was down"
+        assert _number(text("requests-503")) <= WORKERS + 1  # the page's row counter, too
+        errors = [
+            entry["message"]
+            for entry in driver.get_log("browser")  # type: ignore[no-untyped-call]
+            if entry["level"] == "SEVERE" and "status of 503" not in entry["message"]
+        ]
+        assert not errors, errors
+        assert demo.stop(signal.SIGINT) == 0, demo.output
+
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
+    if target := os.environ.get("DEMO_SCREENSHOT"):
+        path = Path(target) if os.path.isabs(target) else ROOT / target
+        path.write_bytes(data)

@@ -1,0 +1,75 @@
+"""Pure parts of the demo: settings from the environment and the 503 bodies (no database)."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from demo.app import database_error_body
+from demo.settings import Settings, SettingsError
+
+
+def test_settings_from_the_environment() -> None:
+    settings = Settings.from_environ(
+        {
+            "DATABASE_URL": "postgres://app:pw@db:6432/app",
+            "DEMO_POOL": " NULL ",
+            "DEMO_PORT": "9000",
+            "DEMO_RETRY_DEADLINE": "2.5",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "",  # empty means unset
+        },
+        port=None,  # an unset CLI flag does not override
+        host="0.0.0.0",
+    )
+    assert settings.pool == "null" and settings.port == 9000 and settings.host == "0.0.0.0"
+    assert settings.retry_deadline == 2.5 and settings.otlp_endpoint is None
+    assert settings.url.drivername == "postgresql+asyncpg"
+    psycopg = Settings(database_url="postgresql+psycopg://a:b@h/d")
+    assert psycopg.url.drivername == "postgresql+psycopg_async"
+    assert Settings.from_environ({}) == Settings()
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("DEMO_POOL", "fifo", "DEMO_POOL must be 'queue' or 'null'"),
+        ("DEMO_PORT", "http", "DEMO_PORT has an invalid value"),
+        ("DEMO_PORT", "70000", "DEMO_PORT must be a TCP port"),
+        ("DEMO_RETRY_DEADLINE", "0", "DEMO_RETRY_DEADLINE must be a positive number"),
+        ("DEMO_POOL_SIZE", "0", "DEMO_POOL_SIZE must be at least 1"),
+        ("DATABASE_URL", "postgresql+psycopg2://u:s3cret@h/d", "DATABASE_URL uses"),
+        ("DATABASE_URL", "not a url s3cret", "DATABASE_URL is not a valid database URL"),
+    ],
+)
+def test_bad_settings_name_the_variable(variable: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as info:
+        Settings.from_environ({variable: value})
+    assert "s3cret" not in str(info.value)
+
+
+class DriverError(Exception):
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (DriverError('password authentication failed for user "app"', "28P01"), "connect_failed"),
+        (DriverError('database "x" does not exist', "3D000"), "connect_failed"),
+        (DriverError("terminating connection due to administrator command", "57P01"),
+         "connection_lost"),
+        (ConnectionResetError("reset by peer 10.0.0.5:5432"), "connection_lost"),
+        (sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), "pool_timeout"),
+        (DriverError('duplicate key value violates "x"', "23505"), "database_error"),
+    ],
+)  # fmt: skip
+def test_503_bodies_say_what_happened_without_messages(error: Exception, reason: str) -> None:
+    body = database_error_body(error)
+    assert body["reason"] == reason
+    assert str(error) not in str(body), "driver messages are never echoed"
+    assert body["error_class"] == type(error).__name__
+    wrapped = sa.exc.DBAPIError("SELECT 1", None, error)  # type: ignore[arg-type]
+    if not isinstance(error, sa.exc.TimeoutError):
+        assert database_error_body(wrapped)["reason"] == reason
