@@ -175,17 +175,22 @@ class _FaultTolerantPool(Pool):
 
     def connect(self) -> PoolProxiedConnection:
         """SQLAlchemy's checkout, measured: wait time, pending requests, timeouts, slow spans."""
-        token = self._telemetry.checkout_started(self._would_wait())
+        telemetry = self._telemetry
+        if not telemetry.active():  # only the API's no-op providers: nothing would be kept
+            return super().connect()
+        token = telemetry.checkout_started(self._would_wait())
         try:
             connection = super().connect()
         except BaseException as error:
-            self._telemetry.checkout_failed(token, error)
+            telemetry.checkout_failed(token, error)
             raise
-        self._telemetry.checked_out(token, connection)
+        telemetry.checked_out(token, connection)
         return connection
 
     def _return_conn(self, record: ConnectionPoolEntry) -> None:
-        self._telemetry.checked_in(record)
+        telemetry = self._telemetry
+        if telemetry.active():
+            telemetry.checked_in(record)  # a no-op for a checkout that was not measured
         super()._return_conn(record)
 
     def _would_wait(self) -> bool:

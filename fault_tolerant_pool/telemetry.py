@@ -255,6 +255,35 @@ def _instruments_for(meter_provider: Any) -> _Instruments:
         return instruments
 
 
+# -- whether anything listens --------------------------------------------------------------------
+
+_trace_api: Any = trace
+_metrics_api: Any
+try:
+    from opentelemetry.metrics import _internal as _metrics_api
+except ImportError:  # pragma: no cover - a future API layout: then always measure
+    _metrics_api = None
+
+
+def _sdk_installed_globally() -> bool:
+    """Whether the application has set a global tracer or meter provider (an SDK).
+
+    Until it does, the API's proxies drop everything, so a checkout skips its measurements
+    (the hot path costs one call). The API keeps these globals private; if they are not where
+    they are expected, measure always.
+    """
+    if _metrics_api is None:
+        return True
+    return (
+        getattr(_trace_api, "_TRACER_PROVIDER", True) is not None
+        or getattr(_metrics_api, "_METER_PROVIDER", True) is not None
+    )
+
+
+def _is_noop(provider: Any) -> bool:
+    return type(provider).__name__.startswith("NoOp")
+
+
 # -- one checkout in progress ---------------------------------------------------------------------
 
 
@@ -314,6 +343,10 @@ class PoolTelemetry:
             else tracer_provider.get_tracer(INSTRUMENTATION_NAME, _version())
         )
         self._instruments = _instruments_for(meter_provider)
+        # Explicit providers that are not the API's no-op ones: always measure.
+        self._explicit = any(
+            p is not None and not _is_noop(p) for p in (tracer_provider, meter_provider)
+        )
         self._pool: Callable[[], PoolGauges | None] = lambda: None
         self._lock = threading.Lock()
         self.pending = 0
@@ -368,6 +401,10 @@ class PoolTelemetry:
             if len(self._error_attributes) < 256:  # a bounded cache: error types are few
                 self._error_attributes[error_type] = attributes
         return attributes
+
+    def active(self) -> bool:
+        """Whether checkouts are measured: a provider was passed, or a global one is set."""
+        return self._explicit or _sdk_installed_globally()
 
     # -- checkout (the hot path: a lock, a context variable, two clock reads, one record) --------
 

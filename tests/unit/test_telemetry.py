@@ -313,3 +313,47 @@ def test_no_max_is_reported_for_an_unbounded_pool() -> None:
     assert otel.value("db.client.connection.idle.max", metrics) == 3
     engine.dispose()
     otel.shutdown()
+
+
+def test_checkouts_are_measured_only_once_a_provider_listens() -> None:
+    """API alone: checkouts skip their measurements; a global SDK set later switches them on.
+
+    Run in a fresh interpreter: the global providers can be set once per process.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sqlalchemy as sa
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.trace import TracerProvider
+        from fault_tolerant_pool import FaultTolerantQueuePool
+
+        engine = sa.create_engine(
+            "postgresql+psycopg://u:pw@127.0.0.1:1/db", poolclass=FaultTolerantQueuePool
+        )
+        telemetry = engine.pool._telemetry
+        assert not telemetry.active(), "API only: nothing listens"
+        trace.set_tracer_provider(TracerProvider())
+        assert telemetry.active(), "a global tracer provider was set"
+        explicit = sa.create_engine(
+            "postgresql+psycopg://u:pw@127.0.0.1:1/db", poolclass=FaultTolerantQueuePool,
+            meter_provider=MeterProvider(),
+        )
+        assert explicit.pool._telemetry._explicit
+        noop = sa.create_engine(
+            "postgresql+psycopg://u:pw@127.0.0.1:1/db", poolclass=FaultTolerantQueuePool,
+            meter_provider=metrics.NoOpMeterProvider(),
+        )
+        assert not noop.pool._telemetry._explicit
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
