@@ -132,6 +132,11 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+def innermost_class(exc: BaseException) -> str:
+    """The class name of the driver's own exception under any SQLAlchemy wrapping."""
+    return type(_chain(exc)[-1]).__name__
+
+
 def sqlstate_of(exc: BaseException) -> str | None:
     """The first SQLSTATE found on the exception or on what it wraps."""
     for link in _chain(exc):

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .classify import Classifier, Verdict, classify_with, sqlstate_of
+from .classify import Classifier, Verdict, classify_with, innermost_class, sqlstate_of
 from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer, withdraw
 from .errors import CredentialsError, exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
@@ -107,7 +107,7 @@ class RetryingConnector:
                     raise _not_applied(credentials)
             except Exception as error:  # BaseException (cancellation) propagates untouched
                 verdict = classify_with(self.classifier, error)
-                self.counters.attempt_failed(verdict.error_type, verdict.sqlstate)
+                self.counters.attempt_failed(innermost_class(error), verdict.sqlstate)
                 now = self.clock()
                 refresh: str | None = None
                 if verdict.transient:

@@ -23,7 +23,7 @@ async def test_two_second_outage_under_load(
     pg_server: PostgresServer, flavour: str, poolclass: type
 ) -> None:
     client = Client(
-        pg_server.url(flavour), flavour, poolclass=poolclass, pool_pre_ping=True,
+        pg_server.url(flavour), flavour, poolclass=poolclass,  # defaults: liveness check on
         retry_deadline=10,
     )  # fmt: skip
     counts = {"ok": 0, "failed_checkouts": 0, "failed_statements": 0}
