@@ -13,6 +13,7 @@ from .classify import Classifier, Verdict, classify_with
 from .errors import exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
+from .timeouts import AttemptTimer, retire
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
 
@@ -52,15 +53,22 @@ class RetryingConnector:
 
     def __call__(self, record: Any) -> Any:
         backoff = Backoff(self.policy, self.clock())
+        timer = AttemptTimer(self.policy.attempt_timeout)
         while True:
+            now = self.clock()
+            timer.begin(now, backoff.remaining(now))
             try:
-                connection = self.creator(record)
+                connection = self._attempt(record, timer)
             except Exception as error:  # BaseException (cancellation) propagates untouched
                 verdict = classify_with(self.classifier, error)
                 self.counters.attempt_failed(verdict.error_type, verdict.sqlstate)
                 now = self.clock()
                 if verdict.transient:
                     delay = backoff.next_delay(now, self.random)
+                    if delay is not None and not timer.worth_another(
+                        now, backoff.remaining(now + delay)
+                    ):
+                        delay = None  # black-holed, and the driver could not end by the deadline
                 else:
                     backoff.stop()
                     delay = None
@@ -74,6 +82,14 @@ class RetryingConnector:
             else:
                 self.counters.connected()
                 return connection
+
+    def _attempt(self, record: Any, timer: AttemptTimer) -> Any:
+        """One call of the creator, with the attempt's time limit published to the listener."""
+        token = timer.publish()
+        try:
+            return self.creator(record)
+        finally:
+            retire(token)
 
     def _log_attempt(self, error: Exception, verdict: Verdict, attempt: int, delay: float) -> None:
         if logger.isEnabledFor(logging.WARNING):

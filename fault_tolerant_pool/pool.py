@@ -18,9 +18,11 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
+from . import timeouts
 from .classify import Classifier
 from .connector import RetryingConnector
 from .policy import (
+    DEFAULT_ATTEMPT_TIMEOUT,
     DEFAULT_ATTEMPTS,
     DEFAULT_DEADLINE,
     DEFAULT_INITIAL_DELAY,
@@ -46,6 +48,7 @@ class FaultTolerance:
         retry_initial_delay: Any,
         retry_max_delay: Any,
         retry_classifier: Any,
+        retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             from sqlalchemy.exc import ArgumentError
@@ -54,7 +57,11 @@ class FaultTolerance:
                 f"retry_classifier must be a callable taking an exception, got {retry_classifier!r}"
             )
         policy = RetryPolicy.from_arguments(
-            retry_attempts, retry_deadline, retry_initial_delay, retry_max_delay
+            retry_attempts,
+            retry_deadline,
+            retry_initial_delay,
+            retry_max_delay,
+            retry_attempt_timeout,
         )
         return cls(policy, retry_classifier)
 
@@ -127,6 +134,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         retry_initial_delay: float = DEFAULT_INITIAL_DELAY,
         retry_max_delay: float = DEFAULT_MAX_DELAY,
         retry_classifier: Classifier | None = None,
+        retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -137,8 +145,10 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             retry_initial_delay=retry_initial_delay,
             retry_max_delay=retry_max_delay,
             retry_classifier=retry_classifier,
+            retry_attempt_timeout=retry_attempt_timeout,
         )
         QueuePool.__init__(self, creator, **kw)
+        timeouts.install(self._dialect)
 
     def recreate(self) -> FaultTolerantQueuePool:
         self.logger.info("Pool recreating")
@@ -181,6 +191,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         retry_initial_delay: float = DEFAULT_INITIAL_DELAY,
         retry_max_delay: float = DEFAULT_MAX_DELAY,
         retry_classifier: Classifier | None = None,
+        retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -191,10 +202,12 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
             retry_initial_delay=retry_initial_delay,
             retry_max_delay=retry_max_delay,
             retry_classifier=retry_classifier,
+            retry_attempt_timeout=retry_attempt_timeout,
         )
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
         NullPool.__init__(self, creator, **kw)
+        timeouts.install(self._dialect)
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)
