@@ -13,7 +13,7 @@ from .classify import Classifier, Verdict, classify_with
 from .errors import exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
-from .timeouts import AttemptTimer, retire
+from .timeouts import AttemptTimer, release_frames, retire
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
 
@@ -88,6 +88,9 @@ class RetryingConnector:
         token = timer.publish()
         try:
             return self.creator(record)
+        except Exception as error:
+            release_frames(error)
+            raise
         finally:
             retire(token)
 

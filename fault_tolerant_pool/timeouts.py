@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import traceback
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from sqlalchemy import event
 
 #: An attempt is never given less than this, even at the deadline: a server that answers at once
 #: can still be reached by the last attempt.
-MIN_ATTEMPT_TIMEOUT = 0.05
+MIN_ATTEMPT_TIMEOUT = 0.5
 #: An attempt that lasted this share of what the driver was told to wait has run into its limit.
 _RAN_OUT = 0.9
 #: Rounding down to whole seconds forgives this much (2.999 s left still makes 3 s).
@@ -138,10 +139,24 @@ def _bounded(connect: Callable[..., Any], seconds: float) -> Callable[..., Any]:
     async def creator(*args: Any, **kwargs: Any) -> Any:
         try:
             return await asyncio.wait_for(connect(*args, **kwargs), seconds)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as timeout:
+            release_frames(timeout)
+            if timeout.__context__ is not None:  # the driver's CancelledError
+                release_frames(timeout.__context__)
             raise TimeoutError(f"connect attempt timed out after {seconds:.3g}s") from None
 
     return creator
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames ``error`` went through.
+
+    A failed connect must not keep its half-open socket: psycopg holds a timed-out attempt's
+    connection in a reference cycle (its connect frame -> the attempt's error -> its traceback
+    -> that frame), which only the garbage collector would break, leaving the server a
+    half-open login until its ``authentication_timeout``. Frames still running are left alone.
+    """
+    traceback.clear_frames(error.__traceback__)
 
 
 def _inject(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:

@@ -290,3 +290,35 @@ def test_listener_installed_once_per_dialect_for_known_drivers_only() -> None:
     assert list(dialect_.dispatch.do_connect).count(timeouts._inject) == 1
     sqlite = sa.create_engine("sqlite://", poolclass=FaultTolerantNullPool)
     assert not event.contains(sqlite.dialect, "do_connect", timeouts._inject)
+
+
+def test_a_failed_attempt_releases_what_its_frames_held() -> None:
+    """psycopg keeps a timed-out attempt's socket in a reference cycle through its error; the
+    pool clears the finished frames so the socket closes now, not when the GC runs."""
+    import gc
+    import weakref
+
+    class Socket:
+        pass
+
+    sockets: list[weakref.ref[Socket]] = []
+
+    def creator(record: Any) -> Any:
+        sock = Socket()
+        sockets.append(weakref.ref(sock))
+        errors: list[BaseException] = []
+        try:
+            raise TimeoutError("timed out")
+        except TimeoutError as error:
+            errors.append(error)  # the cycle: this frame -> errors -> error -> traceback -> frame
+            raise
+
+    clock = Clock()
+    gc.disable()
+    try:
+        with pytest.raises(ConnectRetriesExhausted) as info:
+            connector(creator, clock, attempts=2)(None)
+        assert len(sockets) == 2 and all(ref() is None for ref in sockets)
+        assert isinstance(info.value.last_error, TimeoutError)  # the error itself is kept
+    finally:
+        gc.enable()
