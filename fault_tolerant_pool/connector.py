@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random as _random
 import time
@@ -40,6 +41,8 @@ class RetryingConnector:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         secrets: Callable[[], tuple[str, ...]] = tuple,
+        ping: Callable[[Any], object] | None = None,
+        discard: Callable[[Any], object] | None = None,
     ) -> None:
         self.creator = creator
         self.policy = policy
@@ -50,6 +53,8 @@ class RetryingConnector:
         self.clock = clock
         self.random = random
         self.secrets = secrets
+        self.ping = ping
+        self.discard = discard
 
     def __call__(self, record: Any) -> Any:
         backoff = Backoff(self.policy, self.clock())
@@ -84,15 +89,30 @@ class RetryingConnector:
                 return connection
 
     def _attempt(self, record: Any, timer: AttemptTimer) -> Any:
-        """One call of the creator, with the attempt's time limit published to the listener."""
+        """One call of the creator, with the attempt's time limit published to the listener,
+        and, with ``ping``, one round trip on the new connection before it counts."""
         token = timer.publish()
         try:
-            return self.creator(record)
+            connection = self.creator(record)
+            if self.ping is not None:
+                self._ping(connection)
+            return connection
         except Exception as error:
             release_frames(error)
             raise
         finally:
             retire(token)
+
+    def _ping(self, connection: Any) -> None:
+        """Ping a new connection; if that fails (or is cancelled), close it and re-raise."""
+        assert self.ping is not None
+        try:
+            self.ping(connection)
+        except BaseException:
+            if self.discard is not None:
+                with contextlib.suppress(Exception):
+                    self.discard(connection)
+            raise
 
     def _log_attempt(self, error: Exception, verdict: Verdict, attempt: int, delay: float) -> None:
         if logger.isEnabledFor(logging.WARNING):

@@ -38,6 +38,8 @@ class FaultTolerance:
 
     policy: RetryPolicy
     classifier: Classifier | None = None
+    ping: bool = False
+    """Ping each new connection inside the retry loop (``retry_ping``)."""
     counters: ConnectCounters = field(default_factory=ConnectCounters, compare=False)
 
     @classmethod
@@ -49,6 +51,7 @@ class FaultTolerance:
         retry_max_delay: Any,
         retry_classifier: Any,
         retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
+        retry_ping: Any = False,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             from sqlalchemy.exc import ArgumentError
@@ -63,7 +66,22 @@ class FaultTolerance:
             retry_max_delay,
             retry_attempt_timeout,
         )
-        return cls(policy, retry_classifier)
+        return cls(policy, retry_classifier, _boolean("retry_ping", retry_ping))
+
+
+def _boolean(name: str, value: Any) -> bool:
+    """A flag, also from ``engine_from_config`` strings ("true", "false", "1", "0")."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0", ""):
+            return False
+    elif isinstance(value, bool | int) and value in (0, 1):
+        return bool(value)
+    from sqlalchemy.exc import ArgumentError
+
+    raise ArgumentError(f"{name} must be true or false, got {value!r}")
 
 
 def _async_sleep(seconds: float) -> None:
@@ -90,7 +108,16 @@ class _FaultTolerantPool(Pool):
             sleep=self._backoff_sleep,
             dbapi=self._loaded_dbapi,
             classifier=ft.classifier,
+            ping=self._ping_new if ft.ping else None,
+            discard=self._discard_new,
         )
+
+    def _ping_new(self, dbapi_connection: Any) -> None:
+        dialect: Any = self._dialect  # a real dialect: retry_ping needs an engine's pool
+        dialect.do_ping(dbapi_connection)
+
+    def _discard_new(self, dbapi_connection: Any) -> None:
+        self._dialect.do_terminate(dbapi_connection)
 
     def _backoff_sleep(self, seconds: float) -> None:
         if self._dialect.is_async:
@@ -135,6 +162,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         retry_max_delay: float = DEFAULT_MAX_DELAY,
         retry_classifier: Classifier | None = None,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
+        retry_ping: bool = False,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -146,6 +174,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             retry_max_delay=retry_max_delay,
             retry_classifier=retry_classifier,
             retry_attempt_timeout=retry_attempt_timeout,
+            retry_ping=retry_ping,
         )
         QueuePool.__init__(self, creator, **kw)
         timeouts.install(self._dialect)
@@ -192,6 +221,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         retry_max_delay: float = DEFAULT_MAX_DELAY,
         retry_classifier: Classifier | None = None,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
+        retry_ping: bool = False,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -203,6 +233,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
             retry_max_delay=retry_max_delay,
             retry_classifier=retry_classifier,
             retry_attempt_timeout=retry_attempt_timeout,
+            retry_ping=retry_ping,
         )
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
