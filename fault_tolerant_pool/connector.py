@@ -97,7 +97,7 @@ class RetryingConnector:
             if self.ping is not None:
                 self._ping(connection)
             return connection
-        except Exception as error:
+        except BaseException as error:  # cancelled too: what the attempt opened must close now
             release_frames(error)
             raise
         finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from contextvars import ContextVar, Token
@@ -134,10 +135,18 @@ def _psycopg_async_connect() -> Callable[..., Any]:
 
 
 def _bounded(connect: Callable[..., Any], seconds: float) -> Callable[..., Any]:
-    """An async creator that gives up after ``seconds`` (raising ``TimeoutError``)."""
+    """An async creator that gives up after ``seconds`` (raising ``TimeoutError``).
+
+    The connect runs in the caller's task under ``asyncio.timeout`` (Python 3.11+):
+    ``asyncio.wait_for`` runs it in a task of its own and, cancelled at the moment that task
+    finishes, drops the new connection unclosed. Python 3.10 has only ``wait_for``.
+    """
 
     async def creator(*args: Any, **kwargs: Any) -> Any:
         try:
+            if sys.version_info >= (3, 11):
+                async with asyncio.timeout(seconds):
+                    return await connect(*args, **kwargs)
             return await asyncio.wait_for(connect(*args, **kwargs), seconds)
         except asyncio.TimeoutError as timeout:
             release_frames(timeout)
