@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .classify import Classifier, Verdict, classify_with
+from .classify import Classifier, Verdict, classify_with, sqlstate_of
 from .errors import exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
@@ -140,8 +140,12 @@ class RetryingConnector:
         )
         dbapi = self.dbapi()
         dbapi_error = getattr(dbapi, "Error", None)
-        is_connect_failure = isinstance(error, OSError | asyncio.TimeoutError) or (
-            isinstance(dbapi_error, type) and isinstance(error, dbapi_error)
+        is_connect_failure = (
+            isinstance(error, OSError | asyncio.TimeoutError)
+            or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
+            # The server answered with a SQLSTATE: SQLAlchemy 2.0 lets asyncpg's own error
+            # through at connect time, not adapted to the dialect's DBAPI error.
+            or sqlstate_of(error) is not None
         )
         if not is_connect_failure:
             return error  # a bug or a bad argument, not a connection failure: keep it as it is

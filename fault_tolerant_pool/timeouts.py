@@ -11,8 +11,8 @@ Drivers differ in what they can honour (the table :data:`CONNECT_TIMEOUTS`):
 
 - asyncpg takes a float ``timeout``: exact.
 - psycopg async: its ``connect_timeout`` is whole seconds, at least 2 (psycopg's
-  ``timeout_from_conninfo``), so the pool wraps ``AsyncConnection.connect`` in
-  ``asyncio.wait_for`` instead: exact.
+  ``timeout_from_conninfo``), so the pool runs ``AsyncConnection.connect`` under
+  ``asyncio.timeout`` instead (``async_creator_fn``): exact.
 - psycopg sync and psycopg2 (libpq): ``connect_timeout`` in whole seconds, at least 2. The pool
   passes the limit rounded down (never past the deadline while 2 s or more are left). When an
   attempt ran into its time limit and less than 2 s are left, no further attempt is made: it
@@ -69,8 +69,8 @@ def _seconds(value: Any) -> float | None:
 class ConnectTimeout:
     """How one driver is told to give up a connect, and what it can honour.
 
-    ``keyword`` is the connect argument; None means the pool wraps the async creator in
-    ``asyncio.wait_for`` instead. ``whole_seconds`` and ``minimum`` are the driver's rounding.
+    ``keyword`` is the connect argument; None means the pool bounds the async creator itself
+    (see :func:`_bounded`). ``whole_seconds`` and ``minimum`` are the driver's rounding.
     """
 
     keyword: str | None

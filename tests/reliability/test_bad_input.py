@@ -65,10 +65,24 @@ BAD_OPTION = {
 
 @flavours
 async def test_bad_driver_option_fails_on_the_first_attempt(flavour: str) -> None:
+    """A bad argument is not retried. SQLAlchemy 2.1 adapts asyncpg's configuration error to a
+    DBAPI error (the pool then raises its ``OperationalError``); 2.0 lets it through as it is,
+    and so does the pool, like any bad argument (a ``TypeError`` from ``connect_args``)."""
     option, says = BAD_OPTION[flavour]
-    outcome, error = await failed_connect(flavour, f"127.0.0.1:{free_port()}/db?{option}")
-    assert error.attempts == 1 and not error.transient
-    assert says in str(outcome.error) and outcome.duration < DEADLINE
+    client = Client(url(flavour, f"127.0.0.1:{free_port()}/db?{option}"), flavour,
+                    poolclass=FaultTolerantQueuePool, retry_deadline=DEADLINE)  # fmt: skip
+    outcome = await request(client)
+    await client.dispose()
+    assert outcome.stage == "checkout" and outcome.duration < DEADLINE, outcome
+    assert says in str(outcome.error) and SECRET not in str(outcome.error)
+    stats = client.stats()
+    assert stats.attempts == 1 and stats.give_ups == 1 and stats.checked_out == 0
+    if isinstance(outcome.error, sa.exc.OperationalError):
+        assert isinstance(outcome.error.orig, ConnectRetriesExhausted)
+        assert outcome.error.orig.attempts == 1 and not outcome.error.orig.transient
+    else:
+        assert flavour == "asyncpg" and sa.__version__.startswith("2.0"), outcome.error
+        assert type(outcome.error).__name__ == "ClientConfigurationError"
 
 
 @flavours

@@ -182,3 +182,19 @@ def test_secrets_are_scrubbed_from_logs_and_errors(caplog: pytest.LogCaptureFixt
     text = str(info.value) + " ".join(r.getMessage() for r in caplog.records)
     assert "hunter2" not in text and "s3cr3t" not in text
     assert "app:***@db" in text
+
+
+def test_a_drivers_own_server_error_is_wrapped_too() -> None:
+    """SQLAlchemy 2.0 lets asyncpg's errors through at connect time, not adapted to the
+    dialect's DBAPI ``Error``: one carrying a SQLSTATE is still the server's answer."""
+
+    class InvalidPasswordError(Exception):  # like asyncpg.exceptions.InvalidPasswordError
+        sqlstate = "28P01"
+
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([InvalidPasswordError("password authentication failed")], clock),
+                   clock, counters)  # fmt: skip
+    with pytest.raises(FakeDBAPI.OperationalError) as info:
+        connect(None)
+    assert isinstance(info.value, ConnectRetriesExhausted) and not info.value.transient
+    assert getattr(info.value, "sqlstate", None) == "28P01"
