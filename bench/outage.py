@@ -166,7 +166,7 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
     for r in runs:
         ok, failed = r.buckets()
         cells = " ".join(f"{o:>4}/{f:<4}" for o, f in zip(ok, failed, strict=True))
-        print(f"{r.driver:14} {r.setup:15} {cells}")
+        print(f"{r.driver:14} {r.setup:15} {cells}".rstrip())
 
 
 def chart(runs: list[Run], path: str) -> None:
