@@ -40,6 +40,7 @@ LOST = (
     "cannot switch to state",
 )
 
+
 def client_for(server: PostgresServer, flavour: str, attempts: Attempts, **kw: Any) -> Client:
     queue = kw.get("poolclass", FaultTolerantQueuePool) is FaultTolerantQueuePool
     settings: dict[str, Any] = {
