@@ -97,6 +97,11 @@ TRANSIENT_MESSAGES: tuple[tuple[str, str | None], ...] = (
     ("timeout expired", "08001"),
     ("temporary failure in name resolution", "08001"),
     ("consuming input failed", "08006"),
+    # A connection closed under a just-opened connection's first round trip (retry_ping), e.g.
+    # asyncpg's "cannot call Transaction.rollback(): the underlying connection is closed".
+    ("connection is closed", "08003"),
+    # asyncpg, when the connection is lost between two protocol states of that round trip.
+    ("cannot switch to state", "08006"),
     # PgBouncer's own errors (it answers 08P01 for most of them).
     ("server login has been failing", "08P01"),
     ("pgbouncer cannot connect to server", "08P01"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random as _random
 import time
@@ -15,6 +16,7 @@ from .errors import CredentialsError, exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
 from .telemetry import PoolTelemetry, disabled
+from .timeouts import AttemptTimer, release_frames, retire
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
 
@@ -69,6 +71,8 @@ class RetryingConnector:
         credentials: CredentialSource | None = None,
         in_loop: Callable[[], bool] = bool,
         on_connect: OnConnect | None = None,
+        ping: Callable[[Any], object] | None = None,
+        discard: Callable[[Any], object] | None = None,
     ) -> None:
         self.creator = creator
         self.policy = policy
@@ -83,6 +87,8 @@ class RetryingConnector:
         self.credentials = credentials
         self.in_loop = in_loop
         self.on_connect = on_connect
+        self.ping = ping
+        self.discard = discard
 
     def __call__(self, record: Any) -> Any:
         with self.telemetry.connect() as trace:  # one span around every attempt and backoff
@@ -90,18 +96,20 @@ class RetryingConnector:
 
     def _connect(self, record: Any, trace: Any) -> Any:
         backoff = Backoff(self.policy, self.clock())
+        timer = AttemptTimer(self.policy.attempt_timeout)
         credentials = self.credentials
         refreshed = False
         while True:
             secret: Secret | None = None
             started = self.clock()
+            timer.begin(started, backoff.remaining(started))
             try:
                 if credentials is not None:
                     secret = credentials.get(
                         in_loop=self.in_loop(), timeout=backoff.remaining(self.clock())
                     )
                     offer(record, secret)
-                connection = self.creator(record)
+                connection = self._attempt(record, timer)
                 if credentials is not None and withdraw(record) is not None:
                     self._discard(connection)
                     raise _not_applied(credentials)
@@ -112,6 +120,10 @@ class RetryingConnector:
                 refresh: str | None = None
                 if verdict.transient:
                     delay = backoff.next_delay(now, self.random)
+                    if delay is not None and not timer.worth_another(
+                        now, backoff.remaining(now + delay)
+                    ):
+                        delay = None  # black-holed, and the driver could not end by the deadline
                 elif (
                     credentials is not None
                     and secret is not None
@@ -139,11 +151,43 @@ class RetryingConnector:
                 if delay > 0:
                     self.sleep(delay)
             else:
+                if record is not None and backoff.failures:
+                    # SQLAlchemy stamped the record when the connect began; after retries that
+                    # is too early: an invalidation of the pool during the outage would make
+                    # the next checkout throw this brand-new connection away (a login herd),
+                    # and pool_recycle would count the outage as the connection's age.
+                    record.starttime = time.time()
                 self.counters.connected()
                 trace.connected(backoff.elapsed(self.clock()))
                 if self.on_connect is not None:
                     self.on_connect(record, connection)
                 return connection
+
+    def _attempt(self, record: Any, timer: AttemptTimer) -> Any:
+        """One call of the creator, with the attempt's time limit published to the listener,
+        and, with ``ping``, one round trip on the new connection before it counts."""
+        token = timer.publish()
+        try:
+            connection = self.creator(record)
+            if self.ping is not None:
+                self._ping(connection)
+            return connection
+        except BaseException as error:  # cancelled too: what the attempt opened must close now
+            release_frames(error)
+            raise
+        finally:
+            retire(token)
+
+    def _ping(self, connection: Any) -> None:
+        """Ping a new connection; if that fails (or is cancelled), close it and re-raise."""
+        assert self.ping is not None
+        try:
+            self.ping(connection)
+        except BaseException:
+            if self.discard is not None:
+                with contextlib.suppress(Exception):
+                    self.discard(connection)
+            raise
 
     @staticmethod
     def _discard(connection: Any) -> None:
@@ -189,7 +233,9 @@ class RetryingConnector:
             isinstance(error, OSError | asyncio.TimeoutError | CredentialsError)
             or (isinstance(dbapi_error, type) and isinstance(error, dbapi_error))
             or type(error).__module__.partition(".")[0] in DRIVER_PACKAGES
-            or sqlstate_of(error) is not None  # a server's answer, whatever the class
+            # The server answered with a SQLSTATE: SQLAlchemy 2.0 lets asyncpg's own error
+            # through at connect time, not adapted to the dialect's DBAPI error.
+            or sqlstate_of(error) is not None
         )
         if not is_connect_failure:
             return error  # a bug or a bad argument, not a connection failure: keep it as it is

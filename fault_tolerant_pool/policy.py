@@ -14,6 +14,7 @@ DEFAULT_ATTEMPTS: int | None = None
 DEFAULT_DEADLINE = 10.0
 DEFAULT_INITIAL_DELAY = 0.05
 DEFAULT_MAX_DELAY = 0.5
+DEFAULT_ATTEMPT_TIMEOUT = 5.0
 BACKOFF_MULTIPLIER = 2.0
 
 _NONE_WORDS = frozenset({"", "none", "null"})
@@ -52,11 +53,20 @@ def _attempts(value: Any) -> int | None:
     return number
 
 
+def _optional_seconds(name: str, value: Any) -> float | None:
+    """Coerce a positive number of seconds, or None (also from the strings "none" and "")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+        return None
+    return _number(name, value, minimum=0.0, strict=True)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How one physical connect is retried: attempts, deadline and exponential full-jitter backoff.
 
     ``attempts`` counts the first try; ``None`` leaves the deadline as the only bound.
+    ``attempt_timeout`` caps one attempt (see :mod:`fault_tolerant_pool.timeouts`); ``None``
+    leaves the time left before the deadline as its only bound.
     """
 
     attempts: int | None = DEFAULT_ATTEMPTS
@@ -64,6 +74,7 @@ class RetryPolicy:
     initial_delay: float = DEFAULT_INITIAL_DELAY
     max_delay: float = DEFAULT_MAX_DELAY
     multiplier: float = BACKOFF_MULTIPLIER
+    attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT
 
     @classmethod
     def from_arguments(
@@ -72,6 +83,7 @@ class RetryPolicy:
         retry_deadline: Any = DEFAULT_DEADLINE,
         retry_initial_delay: Any = DEFAULT_INITIAL_DELAY,
         retry_max_delay: Any = DEFAULT_MAX_DELAY,
+        retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
     ) -> RetryPolicy:
         """Validate the pool's keyword arguments (numbers or config strings) into a policy."""
         initial = _number("retry_initial_delay", retry_initial_delay, minimum=0.0, strict=False)
@@ -86,6 +98,7 @@ class RetryPolicy:
             deadline=_number("retry_deadline", retry_deadline, minimum=0.0, strict=True),
             initial_delay=initial,
             max_delay=maximum,
+            attempt_timeout=_optional_seconds("retry_attempt_timeout", retry_attempt_timeout),
         )
 
     def new(self, **changes: Any) -> RetryPolicy:

@@ -24,6 +24,7 @@ from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _Co
 from sqlalchemy.util import await_only
 
 from . import credentials as _credentials
+from . import timeouts
 from .classify import Classifier
 from .connector import RetryingConnector
 from .credentials import CredentialSource
@@ -36,6 +37,7 @@ from .lifetime import (
 )
 from .liveness import DEFAULT_LIVENESS_CHECK, DEFAULT_PING_AFTER, LivenessPolicy
 from .policy import (
+    DEFAULT_ATTEMPT_TIMEOUT,
     DEFAULT_ATTEMPTS,
     DEFAULT_DEADLINE,
     DEFAULT_INITIAL_DELAY,
@@ -54,6 +56,8 @@ class FaultTolerance:
     policy: RetryPolicy
     telemetry: PoolTelemetry
     classifier: Classifier | None = None
+    ping: bool = False
+    """Ping each new connection inside the retry loop (``retry_ping``)."""
     counters: ConnectCounters = field(default_factory=ConnectCounters, compare=False)
     credentials: CredentialSource | None = field(default=None, compare=False)
     lifetime: LifetimePolicy = field(default_factory=LifetimePolicy)
@@ -80,13 +84,19 @@ class FaultTolerance:
         pool_name: Any = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
+        retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
+        retry_ping: Any = False,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
                 f"retry_classifier must be a callable taking an exception, got {retry_classifier!r}"
             )
         policy = RetryPolicy.from_arguments(
-            retry_attempts, retry_deadline, retry_initial_delay, retry_max_delay
+            retry_attempts,
+            retry_deadline,
+            retry_initial_delay,
+            retry_max_delay,
+            retry_attempt_timeout,
         )
         counters = ConnectCounters()
         provider = _credentials.coerce_provider(credentials)
@@ -107,15 +117,29 @@ class FaultTolerance:
         )
         counters.listener = telemetry
         return cls(
-            policy,
-            telemetry,
-            retry_classifier,
-            counters,
-            source,
-            LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
-            LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
-            secrets,
+            policy=policy,
+            telemetry=telemetry,
+            classifier=retry_classifier,
+            ping=_boolean("retry_ping", retry_ping),
+            counters=counters,
+            credentials=source,
+            lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
+            liveness=LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
+            secrets=secrets,
         )
+
+
+def _boolean(name: str, value: Any) -> bool:
+    """A flag, also from ``engine_from_config`` strings ("true", "false", "1", "0")."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0", ""):
+            return False
+    elif isinstance(value, bool | int) and value in (0, 1):
+        return bool(value)
+    raise ArgumentError(f"{name} must be true or false, got {value!r}")
 
 
 def _async_sleep(seconds: float) -> None:
@@ -163,7 +187,16 @@ class _FaultTolerantPool(Pool):
             credentials=credentials,
             in_loop=self._in_loop,
             on_connect=self._connected if self._upkeep is not None else None,
+            ping=self._ping_new if ft.ping else None,
+            discard=self._discard_new,
         )
+
+    def _ping_new(self, dbapi_connection: Any) -> None:
+        dialect: Any = self._dialect  # a real dialect: retry_ping needs an engine's pool
+        dialect.do_ping(dbapi_connection)
+
+    def _discard_new(self, dbapi_connection: Any) -> None:
+        self._dialect.do_terminate(dbapi_connection)
 
     def _in_loop(self) -> bool:
         return bool(self._dialect.is_async)
@@ -254,6 +287,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         max_idle: float | None = DEFAULT_MAX_IDLE,
         liveness_check: bool = DEFAULT_LIVENESS_CHECK,
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
+        retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
+        retry_ping: bool = False,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -275,6 +310,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             max_idle=max_idle,
             liveness_check=liveness_check,
             liveness_ping_after=liveness_ping_after,
+            retry_attempt_timeout=retry_attempt_timeout,
+            retry_ping=retry_ping,
         )
         ft = self._fault_tolerance
         if Upkeep.wanted(ft.lifetime, ft.liveness):
@@ -282,6 +319,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         QueuePool.__init__(self, creator, **kw)
         self._telemetry.bind(self)
         self._install_credentials()
+        timeouts.install(self._dialect)
         if self._upkeep is not None and isinstance(self._dialect, _ConnDialect):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
@@ -376,6 +414,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         max_idle: float | None = DEFAULT_MAX_IDLE,
         liveness_check: bool = DEFAULT_LIVENESS_CHECK,
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
+        retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
+        retry_ping: bool = False,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -397,12 +437,15 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
             max_idle=max_idle,
             liveness_check=liveness_check,
             liveness_ping_after=liveness_ping_after,
+            retry_attempt_timeout=retry_attempt_timeout,
+            retry_ping=retry_ping,
         )
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
         NullPool.__init__(self, creator, **kw)
         self._telemetry.bind(self)
         self._install_credentials()
+        timeouts.install(self._dialect)
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)

@@ -161,3 +161,21 @@ def test_user_classifier_first_then_the_table() -> None:
     assert classify_with(lambda e: False, refused).transient is False
     assert classify_with(lambda e: True, ValueError("x")).transient is True
     assert classify_with(None, refused).transient is True
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "cannot call Transaction.rollback(): the underlying connection is closed",  # asyncpg
+        "the connection is closed",  # psycopg
+        "cannot switch to state 12; another operation (2) is in progress",  # asyncpg
+    ],
+)
+def test_a_connection_closed_under_the_first_round_trip_is_transient(message: str) -> None:
+    """What ``retry_ping`` meets when PgBouncer drops a fresh login (its server is down)."""
+
+    class InterfaceError(Exception):
+        pass
+
+    verdict = classify(InterfaceError(message))
+    assert verdict.transient and verdict.sqlstate in ("08003", "08006")

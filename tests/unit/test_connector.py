@@ -217,3 +217,35 @@ def test_a_raw_driver_error_is_wrapped_too() -> None:
     with pytest.raises(FakeDBAPI.OperationalError) as info:
         connect(None)
     assert isinstance(info.value, ConnectRetriesExhausted) and info.value.__cause__ is raw
+
+
+def test_a_drivers_own_server_error_is_wrapped_too() -> None:
+    """SQLAlchemy 2.0 lets asyncpg's errors through at connect time, not adapted to the
+    dialect's DBAPI ``Error``: one carrying a SQLSTATE is still the server's answer."""
+
+    class InvalidPasswordError(Exception):  # like asyncpg.exceptions.InvalidPasswordError
+        sqlstate = "28P01"
+
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([InvalidPasswordError("password authentication failed")], clock),
+                   clock, counters)  # fmt: skip
+    with pytest.raises(FakeDBAPI.OperationalError) as info:
+        connect(None)
+    assert isinstance(info.value, ConnectRetriesExhausted) and not info.value.transient
+    assert getattr(info.value, "sqlstate", None) == "28P01"
+
+
+def test_a_connection_made_after_retries_is_stamped_when_it_was_made() -> None:
+    """SQLAlchemy stamps ``starttime`` before the connect; after an outage that stamp predates
+    any pool invalidation of the outage and would get the new connection thrown away."""
+    import time as _time
+
+    clock, counters = Clock(), ConnectCounters()
+    record = types.SimpleNamespace(starttime=0.0)
+    connect = make(flaky([refused()], clock), clock, counters)
+    before = _time.time()
+    assert connect(record) == "connection"
+    assert record.starttime >= before
+    untouched = types.SimpleNamespace(starttime=1.0)
+    assert make(flaky([], clock), clock, counters)(untouched) == "connection"
+    assert untouched.starttime == 1.0  # no retry: SQLAlchemy's own stamp stands

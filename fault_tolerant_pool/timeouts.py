@@ -1,0 +1,244 @@
+"""Per-attempt connect timeouts: no connect attempt may outlive the retry deadline.
+
+A black-holed server (packets dropped, or a proxy that accepts and never answers) makes a connect
+wait for the driver's own timeout: asyncpg 60 s, psycopg 130 s, libpq forever. So every attempt
+the pool makes is given a time limit, ``retry_attempt_timeout`` clamped to the time left before
+``retry_deadline``, and the driver is told through its own connect timeout. The pool's
+``do_connect`` listener writes it into the connect arguments of that one attempt; the retry loop
+publishes the limit in a context variable just before calling the creator.
+
+Drivers differ in what they can honour (the table :data:`CONNECT_TIMEOUTS`):
+
+- asyncpg takes a float ``timeout``: exact.
+- psycopg async: its ``connect_timeout`` is whole seconds, at least 2 (psycopg's
+  ``timeout_from_conninfo``), so the pool runs ``AsyncConnection.connect`` under
+  ``asyncio.timeout`` instead (``async_creator_fn``): exact.
+- psycopg sync and psycopg2 (libpq): ``connect_timeout`` in whole seconds, at least 2. The pool
+  passes the limit rounded down (never past the deadline while 2 s or more are left). When an
+  attempt ran into its time limit and less than 2 s are left, no further attempt is made: it
+  could not end by the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event
+
+#: An attempt is never given less than this, even at the deadline: a server that answers at once
+#: can still be reached by the last attempt.
+MIN_ATTEMPT_TIMEOUT = 0.5
+#: An attempt that lasted this share of what the driver was told to wait has run into its limit.
+_RAN_OUT = 0.9
+#: Rounding down to whole seconds forgives this much (2.999 s left still makes 3 s).
+_ROUNDING_SLACK = 0.01
+
+_current: ContextVar[AttemptTimer | None] = ContextVar("fault_tolerant_pool_attempt", default=None)
+
+
+def attempt_timeout() -> float | None:
+    """Seconds the connect attempt in progress may take, or None outside one.
+
+    For a custom ``creator``/``async_creator`` (which bypasses ``do_connect``): pass it to your
+    driver's connect so a black-holed attempt ends by the retry deadline too.
+    """
+    timer = _current.get()
+    return None if timer is None else timer.limit
+
+
+def _seconds(value: Any) -> float | None:
+    """A user's connect timeout (number or string); None when unset or "wait forever" (<= 0)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None  # the driver will complain about it in its own words
+    return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectTimeout:
+    """How one driver is told to give up a connect, and what it can honour.
+
+    ``keyword`` is the connect argument; None means the pool bounds the async creator itself
+    (see :func:`_bounded`). ``whole_seconds`` and ``minimum`` are the driver's rounding.
+    """
+
+    keyword: str | None
+    whole_seconds: bool = False
+    minimum: float = 0.0
+    environ: str | None = None
+    """An environment variable the driver reads its default from (libpq's ``PGCONNECT_TIMEOUT``)."""
+
+    def bound(self, seconds: float) -> float:
+        """How long the driver will wait when asked to wait at most ``seconds``."""
+        if self.whole_seconds:
+            seconds = math.floor(seconds + _ROUNDING_SLACK)
+        return max(self.minimum, seconds)
+
+    def apply(self, cparams: dict[str, Any], seconds: float) -> float:
+        """Write the limit into one attempt's connect arguments (a smaller one of yours stays).
+
+        Returns how long the driver will wait.
+        """
+        keyword = self.keyword
+        if keyword is None:
+            connect = cparams.get("async_creator_fn") or _psycopg_async_connect()
+            cparams["async_creator_fn"] = _bounded(connect, seconds)
+            return seconds
+        mine = _seconds(cparams.get(keyword))
+        if mine is None and self.environ is not None:
+            mine = _seconds(os.environ.get(self.environ))
+        if mine is not None:
+            seconds = min(seconds, mine)
+        bound = self.bound(seconds)
+        cparams[keyword] = int(bound) if self.whole_seconds else bound
+        return bound
+
+
+_LIBPQ = ConnectTimeout(
+    "connect_timeout", whole_seconds=True, minimum=2.0, environ="PGCONNECT_TIMEOUT"
+)
+
+#: (SQLAlchemy driver name, is the dialect async) -> how that driver takes a connect timeout.
+#: Drivers not listed get no per-attempt timeout (the README says so).
+CONNECT_TIMEOUTS: dict[tuple[str, bool], ConnectTimeout] = {
+    ("asyncpg", True): ConnectTimeout("timeout"),
+    ("psycopg", True): ConnectTimeout(None),
+    ("psycopg", False): _LIBPQ,
+    ("psycopg2", False): _LIBPQ,
+    ("pg8000", False): ConnectTimeout("timeout"),
+}
+
+
+def connect_timeout_for(dialect: Any) -> ConnectTimeout | None:
+    """The table's row for a dialect, or None."""
+    return CONNECT_TIMEOUTS.get(
+        (getattr(dialect, "driver", ""), bool(getattr(dialect, "is_async", False)))
+    )
+
+
+def _psycopg_async_connect() -> Callable[..., Any]:
+    import psycopg
+
+    connect: Callable[..., Any] = psycopg.AsyncConnection.connect
+    return connect
+
+
+def _bounded(connect: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """An async creator that gives up after ``seconds`` (raising ``TimeoutError``).
+
+    The connect runs in the caller's task under ``asyncio.timeout`` (Python 3.11+):
+    ``asyncio.wait_for`` runs it in a task of its own and, cancelled at the moment that task
+    finishes, drops the new connection unclosed. Python 3.10 has only ``wait_for``.
+    """
+
+    async def creator(*args: Any, **kwargs: Any) -> Any:
+        try:
+            if sys.version_info >= (3, 11):
+                async with asyncio.timeout(seconds):
+                    return await connect(*args, **kwargs)
+            return await asyncio.wait_for(connect(*args, **kwargs), seconds)
+        except asyncio.TimeoutError as timeout:
+            release_frames(timeout)
+            if timeout.__context__ is not None:  # the driver's CancelledError
+                release_frames(timeout.__context__)
+            raise TimeoutError(f"connect attempt timed out after {seconds:.3g}s") from None
+
+    return creator
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames ``error`` went through.
+
+    A failed connect must not keep its half-open socket: psycopg holds a timed-out attempt's
+    connection in a reference cycle (its connect frame -> the attempt's error -> its traceback
+    -> that frame), which only the garbage collector would break, leaving the server a
+    half-open login until its ``authentication_timeout``. Frames still running are left alone.
+    """
+    traceback.clear_frames(error.__traceback__)
+
+
+def _inject(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+    """``do_connect`` listener: give this attempt the driver's connect timeout."""
+    timer = _current.get()
+    if timer is not None:
+        rule = connect_timeout_for(dialect)
+        if rule is not None:
+            timer.told(rule, rule.apply(cparams, timer.limit))
+
+
+def install(dialect: Any) -> None:
+    """Listen to the dialect's ``do_connect`` (once) if the driver is in the table."""
+    if connect_timeout_for(dialect) is not None and not event.contains(
+        dialect, "do_connect", _inject
+    ):
+        event.listen(dialect, "do_connect", _inject)
+
+
+class AttemptTimer:
+    """The time limits of one connect's attempts; pure, given clock readings.
+
+    ``cap`` is ``retry_attempt_timeout`` (None: only the deadline). While an attempt runs, the
+    timer is published in a context variable; the ``do_connect`` listener reads the limit and
+    tells the timer what the driver was told (:meth:`told`).
+    """
+
+    __slots__ = ("cap", "limit", "rule", "started", "waits")
+
+    def __init__(self, cap: float | None) -> None:
+        self.cap = cap
+        self.started = 0.0
+        self.limit = 0.0
+        self.rule: ConnectTimeout | None = None
+        self.waits: float | None = None  # what the driver was told to wait in this attempt
+
+    def limit_for(self, remaining: float) -> float:
+        """The limit of an attempt that starts with ``remaining`` seconds before the deadline."""
+        limit = remaining if self.cap is None else min(self.cap, remaining)
+        return max(limit, MIN_ATTEMPT_TIMEOUT)
+
+    def begin(self, now: float, remaining: float) -> float:
+        """An attempt starts now; returns its limit in seconds."""
+        self.started = now
+        self.limit = self.limit_for(remaining)
+        self.waits = None
+        return self.limit
+
+    def told(self, rule: ConnectTimeout, waits: float) -> None:
+        """The driver of this attempt was told (by ``rule``) to wait at most ``waits`` seconds."""
+        self.rule = rule
+        self.waits = waits
+
+    def publish(self) -> Token[AttemptTimer | None]:
+        """Make this timer the one the ``do_connect`` listener sees (undo with :func:`retire`)."""
+        return _current.set(self)
+
+    def worth_another(self, now: float, remaining_then: float) -> bool:
+        """Whether to make another attempt, ``remaining_then`` seconds before the deadline.
+
+        False only when the attempt that just failed ran into its time limit (the server is
+        most likely still black-holed) and the driver cannot end the next one by the deadline
+        (libpq's whole seconds, at least 2).
+        """
+        rule, waits = self.rule, self.waits
+        if rule is None or waits is None:
+            return True
+        ran_out = now - self.started >= _RAN_OUT * waits
+        if not ran_out:
+            return True
+        return rule.bound(min(waits, self.limit_for(remaining_then))) <= remaining_then
+
+
+def retire(token: Token[AttemptTimer | None]) -> None:
+    """Undo :meth:`AttemptTimer.publish`."""
+    _current.reset(token)
