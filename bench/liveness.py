@@ -85,8 +85,11 @@ async def measure(
     label: str, url: str, args: argparse.Namespace
 ) -> list[tuple[str, dict[str, float]]]:
     results: dict[str, dict[str, list[float]]] = {k: {"ops": [], "cycle": []} for k in SETUPS}
-    for _ in range(args.rounds):
-        for name, factory in factories(url, args.pool_size, args.max_overflow).items():
+    for round_ in range(args.rounds):
+        order = list(factories(url, args.pool_size, args.max_overflow).items())
+        if round_ % 2:  # alternate who goes first: drift of the machine cancels out
+            order.reverse()
+        for name, factory in order:
             engine = factory()
             await throughput(engine, 0.3, args.tasks)  # warm up: open the connections
             results[name]["ops"].append(await throughput(engine, args.seconds, args.tasks))
