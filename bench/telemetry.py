@@ -104,8 +104,11 @@ async def measure(
         ),
     }
     results: dict[str, dict[str, list[float]]] = {k: {"ops": [], "cycle": []} for k in setups}
-    for _ in range(rounds):
-        for name, factory in setups.items():
+    for round_ in range(rounds):
+        order = list(setups.items())
+        if round_ % 2:  # alternate who goes first: drift of the machine cancels out
+            order.reverse()
+        for name, factory in order:
             engine = factory()
             await throughput(engine, 0.3)  # warm up: open the connections
             results[name]["ops"].append(await throughput(engine, seconds))

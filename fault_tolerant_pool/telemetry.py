@@ -255,6 +255,14 @@ def _instruments_for(meter_provider: Any) -> _Instruments:
         return instruments
 
 
+#: A checkout that only waited for a slot gets a span when it waited at least this long (seconds)
+#: and runs inside a recording span of the application (a traced request): a saturated pool makes
+#: every checkout wait, and a root span per checkout, outside any request, is a trace nobody
+#: reads that costs tens of microseconds each. Every wait is still recorded in
+#: ``db.client.connection.wait_time``; a checkout that failed (a pool timeout) or made a
+#: connection always gets its span.
+CHECKOUT_SPAN_MIN_WAIT = 0.005
+
 # -- whether anything listens --------------------------------------------------------------------
 
 _trace_api: Any = trace
@@ -427,7 +435,11 @@ class PoolTelemetry:
         record = connection._connection_record
         if record is not None:
             setattr(record, _CHECKED_OUT_AT, now)
-        if checkout.span is not None or checkout.waits:
+        if checkout.span is not None or (
+            checkout.waits
+            and now - checkout.started >= CHECKOUT_SPAN_MIN_WAIT
+            and trace.get_current_span().is_recording()
+        ):
             self._end_checkout_span(checkout, None)
 
     def checkout_failed(self, token: CheckoutToken, error: BaseException) -> None:

@@ -236,7 +236,11 @@ async def test_waits_and_pool_timeouts(pg_server_session: PostgresServer, flavou
         assert otel.value("db.client.connection.pending_requests") == 1  # the waiter
         await checkin(client, held)
 
-    waiter = asyncio.ensure_future(checkout(client))
+    async def checkout_in_a_request() -> Any:
+        with otel.tracer.start_as_current_span("request"):  # a traced request of the app
+            return await checkout(client)
+
+    waiter = asyncio.ensure_future(checkout_in_a_request())
     await asyncio.gather(release_soon(), waiter)
     (waited,) = otel.spans(CHECKOUT_SPAN)
     attributes = waited.attributes or {}
@@ -245,6 +249,16 @@ async def test_waits_and_pool_timeouts(pg_server_session: PostgresServer, flavou
     assert waited.end_time is not None and waited.start_time is not None
     assert (waited.end_time - waited.start_time) / 1e9 >= 0.1
     assert otel.spans(CONNECT_SPAN) == []  # it got the returned connection
+
+    # The same wait outside any request of the app: measured, but no lonely root span.
+    otel.clear_spans()
+    waits_before = otel.value("db.client.connection.wait_time")
+    untraced = asyncio.ensure_future(checkout(client))
+    await asyncio.sleep(0.15)
+    await checkin(client, waiter.result())
+    held = await untraced
+    assert otel.spans(CHECKOUT_SPAN) == []
+    assert otel.value("db.client.connection.wait_time") == waits_before + 1
 
     otel.clear_spans()
     started = time.monotonic()
@@ -268,7 +282,7 @@ async def test_waits_and_pool_timeouts(pg_server_session: PostgresServer, flavou
         assert otel.value("db.client.connection.pending_requests") == 0
         (span,) = otel.spans(CHECKOUT_SPAN)
         assert (span.attributes or {})["error.type"] == "CancelledError"
-    await checkin(client, waiter.result())
+    await checkin(client, held)
     await client.dispose()
     otel.shutdown()
 
