@@ -279,7 +279,7 @@ class PoolCollector(Collector):
         if stats is None:
             return
         connections = GaugeMetricFamily(
-            "fault_tolerant_pool_connections",
+            "demo_pool_connections",
             "Connections of the pool by state (idle in the pool, used by the application)",
             labels=[*labels, "state"],
         )
@@ -287,18 +287,18 @@ class PoolCollector(Collector):
         connections.add_metric([self._pool, "used"], stats.checked_out)
         yield connections
         for name, documentation, value in (
-            ("fault_tolerant_pool_size", "Configured pool_size (0 for a null pool)", stats.size),
-            ("fault_tolerant_pool_overflow", "Connections beyond pool_size", stats.overflow),
+            ("demo_pool_size", "Configured pool_size (0 for a null pool)", stats.size),
+            ("demo_pool_overflow", "Connections beyond pool_size", stats.overflow),
         ):
             gauge = GaugeMetricFamily(name, documentation, labels=labels)
             gauge.add_metric([self._pool], value)
             yield gauge
         for name, documentation, value in (
-            ("fault_tolerant_pool_connects", "Physical connections made", stats.connects),
-            ("fault_tolerant_pool_connect_attempts", "Connect attempts", stats.attempts),
-            ("fault_tolerant_pool_connect_failures", "Failed connect attempts",
+            ("demo_pool_connects", "Physical connections made", stats.connects),
+            ("demo_pool_connect_attempts", "Connect attempts", stats.attempts),
+            ("demo_pool_connect_failures", "Failed connect attempts",
              stats.failed_attempts),
-            ("fault_tolerant_pool_connect_give_ups", "Connects that failed for good",
+            ("demo_pool_connect_give_ups", "Connects that failed for good",
              stats.give_ups),
         ):  # fmt: skip
             counter = CounterMetricFamily(name, documentation, labels=labels)
@@ -306,7 +306,7 @@ class PoolCollector(Collector):
             yield counter
         if stats.last_error is not None:
             last = GaugeMetricFamily(
-                "fault_tolerant_pool_last_connect_error_timestamp_seconds",
+                "demo_pool_last_connect_error_timestamp_seconds",
                 "When the latest connect attempt failed, with its error class and SQLSTATE",
                 labels=[*labels, "error_class", "sqlstate"],
             )

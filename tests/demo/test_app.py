@@ -76,10 +76,10 @@ async def test_every_endpoint(pg_server: PostgresServer) -> None:
         assert metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
         attempts = re.search(
-            r'^fault_tolerant_pool_connect_attempts_total\{pool="test-demo"\} (\S+)$', text, re.M
+            r'^demo_pool_connect_attempts_total\{pool="test-demo"\} (\S+)$', text, re.M
         )
         assert attempts and float(attempts.group(1)) == pool["connect_attempts"]
-        assert 'fault_tolerant_pool_connections{pool="test-demo",state="idle"}' in text
+        assert 'demo_pool_connections{pool="test-demo",state="idle"}' in text
         assert re.search(r'^demo_requests_total\{outcome="ok",pool="test-demo"\} (\d+)', text, re.M)
         assert_no_secret(text, pg_server)
 

@@ -60,7 +60,10 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
                 ), metrics  # fmt: skip
                 assert 'service_name="demo-under-test"' in metrics  # target_info
                 # ... and the pool's own counters.
-                assert 'fault_tolerant_pool_connects_total{pool="demo-under-test"}' in metrics
+                assert 'demo_pool_connects_total{pool="demo-under-test"}' in metrics
+                # the pool's own OpenTelemetry metrics, through the demo's global provider
+                assert "db_client_connection_count{" in metrics
+                assert "fault_tolerant_pool_connect_attempts_total{" in metrics
 
                 # The second command restarts the embedded database while the demo runs.
                 restart = subprocess.run(
