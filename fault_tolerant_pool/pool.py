@@ -12,6 +12,7 @@ pre-ping and recycle stay SQLAlchemy's.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -142,6 +143,14 @@ def _boolean(name: str, value: Any) -> bool:
     raise ArgumentError(f"{name} must be true or false, got {value!r}")
 
 
+#: This project's keyword arguments of both pool classes, in the order of
+#: :meth:`FaultTolerance.from_arguments`. SQLAlchemy only passes a pool the arguments its
+#: ``__init__`` names, so each class lists them again; a unit test keeps the lists equal.
+POOL_ARGUMENTS: tuple[str, ...] = tuple(
+    inspect.signature(FaultTolerance.from_arguments).parameters
+)[2:]
+
+
 def _async_sleep(seconds: float) -> None:
     """Sleep inside SQLAlchemy's greenlet bridge: yields to the event loop, cancellable."""
     await_only(asyncio.sleep(seconds))
@@ -155,10 +164,15 @@ class _FaultTolerantPool(Pool):
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
 
-    def _init_fault_tolerance(
-        self, fault_tolerance: FaultTolerance | None, **arguments: Any
-    ) -> None:
-        self._fault_tolerance = fault_tolerance or FaultTolerance.from_arguments(**arguments)
+    def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
+        """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
+        ``locals()``), or take over a recreated pool's settings."""
+        given: FaultTolerance | None = arguments["_fault_tolerance"]
+        self._fault_tolerance = given or FaultTolerance.from_arguments(
+            arguments["creator"],
+            kw.get("dialect"),
+            **{name: arguments[name] for name in POOL_ARGUMENTS},
+        )
         self._telemetry = self._fault_tolerance.telemetry
 
     def _install_credentials(self) -> None:
@@ -292,27 +306,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
-        self._init_fault_tolerance(
-            _fault_tolerance,
-            creator=creator,
-            dialect=kw.get("dialect"),
-            retry_attempts=retry_attempts,
-            retry_deadline=retry_deadline,
-            retry_initial_delay=retry_initial_delay,
-            retry_max_delay=retry_max_delay,
-            retry_classifier=retry_classifier,
-            pool_name=pool_name,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            credentials=credentials,
-            max_lifetime=max_lifetime,
-            lifetime_jitter=lifetime_jitter,
-            max_idle=max_idle,
-            liveness_check=liveness_check,
-            liveness_ping_after=liveness_ping_after,
-            retry_attempt_timeout=retry_attempt_timeout,
-            retry_ping=retry_ping,
-        )
+        self._init_fault_tolerance(locals(), kw)
         ft = self._fault_tolerance
         if Upkeep.wanted(ft.lifetime, ft.liveness):
             self._upkeep = Upkeep(ft.lifetime, ft.liveness, ft.counters)
@@ -419,27 +413,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
-        self._init_fault_tolerance(
-            _fault_tolerance,
-            creator=creator,
-            dialect=kw.get("dialect"),
-            retry_attempts=retry_attempts,
-            retry_deadline=retry_deadline,
-            retry_initial_delay=retry_initial_delay,
-            retry_max_delay=retry_max_delay,
-            retry_classifier=retry_classifier,
-            pool_name=pool_name,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            credentials=credentials,
-            max_lifetime=max_lifetime,
-            lifetime_jitter=lifetime_jitter,
-            max_idle=max_idle,
-            liveness_check=liveness_check,
-            liveness_ping_after=liveness_ping_after,
-            retry_attempt_timeout=retry_attempt_timeout,
-            retry_ping=retry_ping,
-        )
+        self._init_fault_tolerance(locals(), kw)
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
         NullPool.__init__(self, creator, **kw)

@@ -141,3 +141,16 @@ def test_checkout_defaults() -> None:
 def test_credentials_need_an_engine() -> None:
     with pytest.raises(ArgumentError, match="credentials= needs an engine"):
         FaultTolerantQueuePool(lambda: None, credentials=lambda: "pw")
+
+
+@pytest.mark.parametrize("poolclass", [FaultTolerantQueuePool, FaultTolerantNullPool])
+def test_both_pool_classes_name_every_argument(poolclass: type) -> None:
+    """SQLAlchemy passes a pool only what its ``__init__`` names: each class must list them all."""
+    import inspect
+
+    from fault_tolerant_pool.pool import POOL_ARGUMENTS
+
+    named = set(inspect.signature(poolclass.__init__).parameters) - {
+        "self", "creator", "_fault_tolerance", "kw",
+    }
+    assert named == set(POOL_ARGUMENTS)
