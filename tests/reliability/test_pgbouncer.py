@@ -82,7 +82,7 @@ async def test_pgbouncer_restart_pause_and_postgres_restart(
         restarted = time.monotonic()
         await asyncio.to_thread(pgbouncer.restart, "immediate", 0.3)
         restart_done = time.monotonic()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.8)  # room for requests to be served again, on a loaded machine too
         # 2. PAUSE for half a second, then RESUME: requests wait, none fails.
         paused = time.monotonic()
         await asyncio.to_thread(pgbouncer.admin, "PAUSE")  # returns once it is in force
@@ -90,7 +90,7 @@ async def test_pgbouncer_restart_pause_and_postgres_restart(
         await asyncio.sleep(0.5)
         await asyncio.to_thread(pgbouncer.admin, "RESUME")
         resumed = time.monotonic()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.8)
         # 3. PostgreSQL restarted behind PgBouncer (fast, down 0.5 s): new logins to PgBouncer
         # succeed but its server logins fail; server_login_retry (1 s here, 15 s by default)
         # then answers 08P01 at once; the ping finds it and the connect is retried.
