@@ -14,10 +14,10 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
 from .server import (
+    ChildService,
     LogWatcher,
     PostgresServer,
     ServerError,
@@ -32,7 +32,6 @@ from .server import (
     run_as,
     run_psql,
     sqlalchemy_url,
-    terminate,
     wait_for_exit,
 )
 
@@ -63,7 +62,7 @@ def _quote_userlist(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
-class PgBouncer:
+class PgBouncer(ChildService):
     """PgBouncer on 127.0.0.1 forwarding every database to one PostgreSQL server.
 
     ``users`` maps user names to plain-text passwords; they go into the ``auth_file``, which lets
@@ -72,6 +71,8 @@ class PgBouncer:
     client with an immediate error for that long). ``settings`` adds or overrides lines of the
     ``[pgbouncer]`` section.
     """
+
+    destroy_signal = signal.SIGTERM  # pgbouncer's immediate shutdown
 
     host = "127.0.0.1"
 
@@ -159,12 +160,6 @@ class PgBouncer:
             self._owner.chown(path)
 
     # -- lifecycle ---------------------------------------------------------------------------------
-
-    @property
-    def is_running(self) -> bool:
-        """Whether the pgbouncer process is alive."""
-        proc = self._proc
-        return proc is not None and proc.poll() is None
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:
         """Start pgbouncer; with ``wait``, return once it listens."""
@@ -264,39 +259,6 @@ class PgBouncer:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGHUP)
-
-    def _reap(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is not None:
-            registry.discard_proc(proc)
-            self._proc = None
-
-    def destroy(self) -> None:
-        """Stop pgbouncer (immediately) and delete its directory."""
-        with self._lock:
-            proc = self._proc
-            if proc is not None and proc.poll() is None:
-                terminate(proc, signal.SIGTERM, timeout=10.0)
-            self._reap()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            registry.discard_dir(self.workdir)
-
-    def __enter__(self) -> PgBouncer:
-        if not self.is_running:
-            try:
-                self.start()
-            except BaseException:
-                self.destroy()
-                raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import quote
 
 __all__ = [
@@ -466,7 +466,64 @@ def run_psql(
     return [tuple(line.split("\t")) for line in result.stdout.splitlines()]
 
 
-class PostgresServer:
+_Service = TypeVar("_Service", bound="ChildService")
+
+
+class ChildService:
+    """The life cycle a server process of the toolkit shares: a direct child, reaped when it
+    exits, destroyed (process and directory) on ``destroy()`` or at the end of a ``with``."""
+
+    #: The signal ``destroy()`` stops the process with (the service's "immediate" shutdown).
+    destroy_signal: signal.Signals = signal.SIGQUIT
+    workdir: Path
+    _proc: subprocess.Popen[bytes] | None
+    _lock: threading.RLock
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the process is alive."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def _reap(self) -> None:
+        """Forget a process that has exited (collecting its exit status)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is not None:
+            registry.discard_proc(proc)
+            self._proc = None
+
+    def destroy(self) -> None:
+        """Stop the process (immediately, killing it if needed) and delete its directory."""
+        with self._lock:
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                terminate(proc, self.destroy_signal, timeout=10.0)
+            self._reap()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            registry.discard_dir(self.workdir)
+
+    def __enter__(self: _Service) -> _Service:
+        if not self.is_running:
+            try:
+                self.start()
+            except BaseException:
+                self.destroy()
+                raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+
+class PostgresServer(ChildService):
     """A throwaway PostgreSQL cluster on 127.0.0.1 that a test can stop, kill and restart.
 
     The port stays the same across restarts, so clients can reconnect to the same URL. Settings are
@@ -508,12 +565,6 @@ class PostgresServer:
         self.log_path = self.workdir / "postgres.log"
 
     # -- lifecycle ---------------------------------------------------------------------------------
-
-    @property
-    def is_running(self) -> bool:
-        """Whether the postmaster process is alive."""
-        proc = self._proc
-        return proc is not None and proc.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -633,40 +684,6 @@ class PostgresServer:
         if down_for > 0:
             time.sleep(down_for)
         self.start(timeout=timeout)
-
-    def _reap(self) -> None:
-        """Forget a postmaster that has exited (collecting its exit status)."""
-        proc = self._proc
-        if proc is not None and proc.poll() is not None:
-            registry.discard_proc(proc)
-            self._proc = None
-
-    def destroy(self) -> None:
-        """Stop the server (immediately, killing it if needed) and delete its directory."""
-        with self._lock:
-            proc = self._proc
-            if proc is not None and proc.poll() is None:
-                terminate(proc, signal.SIGQUIT, timeout=10.0)
-            self._reap()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            registry.discard_dir(self.workdir)
-
-    def __enter__(self) -> PostgresServer:
-        if not self.is_running:
-            try:
-                self.start()
-            except BaseException:
-                self.destroy()
-                raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
