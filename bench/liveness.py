@@ -22,52 +22,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
-from sqlalchemy.util import greenlet_spawn
 
 from fault_tolerant_pool import FaultTolerantQueuePool
 from fault_tolerant_pool.testing import PostgresServer
 
-CYCLES = 5000
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import cycle_us, throughput
+
 SETUPS = ("stock_pre_ping", "stock_none", "liveness")
-
-
-async def throughput(engine: AsyncEngine, seconds: float, tasks: int) -> float:
-    stop = time.perf_counter() + seconds
-    done = 0
-    select = sa.text("SELECT 1")
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            async with engine.connect() as conn:
-                await conn.execute(select)
-            done += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(tasks)))
-    return done / (time.perf_counter() - started)
-
-
-async def cycle_us(engine: AsyncEngine) -> float:
-    """Checkout + checkin of an existing connection, no statement (pre-ping pings each time)."""
-    pool: Any = engine.sync_engine.pool
-    async with engine.connect():
-        pass
-
-    def run() -> float:
-        started = time.perf_counter()
-        for _ in range(CYCLES):
-            pool.connect().close()
-        return (time.perf_counter() - started) / CYCLES * 1e6
-
-    return float(await greenlet_spawn(run))
 
 
 def factories(url: str, pool_size: int, max_overflow: int) -> dict[str, Callable[[], AsyncEngine]]:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,18 +42,7 @@ from fault_tolerant_pool import FaultTolerantQueuePool
 from fault_tolerant_pool.testing import PostgresServer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import make, throughput
-
-CYCLES = 2000
-
-
-async def engine_cycle_us(engine: AsyncEngine) -> float:
-    """One checkout + checkin through the engine, as an application does it; no statement."""
-    started = time.perf_counter()
-    for _ in range(CYCLES):
-        conn = await engine.connect()
-        await conn.close()
-    return (time.perf_counter() - started) / CYCLES * 1e6
+from throughput import engine_cycle_us, make, throughput
 
 
 class DiscardSpans(SpanExporter):

@@ -29,7 +29,7 @@ TASKS = 50
 CYCLES = 5000
 
 
-async def throughput(engine: AsyncEngine, seconds: float) -> float:
+async def throughput(engine: AsyncEngine, seconds: float, tasks: int = TASKS) -> float:
     stop = time.perf_counter() + seconds
     done = 0
     select = sa.text("SELECT 1")
@@ -42,7 +42,7 @@ async def throughput(engine: AsyncEngine, seconds: float) -> float:
             done += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(TASKS)))
+    await asyncio.gather(*(worker() for _ in range(tasks)))
     return done / (time.perf_counter() - started)
 
 
