@@ -14,26 +14,7 @@ from fault_tolerant_pool.errors import ConnectRetriesExhausted
 from fault_tolerant_pool.policy import RetryPolicy
 from fault_tolerant_pool.stats import ConnectCounters
 
-
-class FakeDBAPI(types.SimpleNamespace):
-    class Error(Exception):
-        sqlstate: str | None = None
-
-    class OperationalError(Error):
-        pass
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from .fakes import Clock, FakeDBAPI
 
 
 def flaky(failures: list[BaseException], clock: Clock, cost: float = 0.001) -> Any:

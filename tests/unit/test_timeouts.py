@@ -27,30 +27,11 @@ from fault_tolerant_pool.timeouts import (
     connect_timeout_for,
 )
 
+from .fakes import Clock, FakeDBAPI
+
 URL = "postgresql+{driver}://u:secret@127.0.0.1:1/db"
 LIBPQ = CONNECT_TIMEOUTS["psycopg", False]
 ASYNCPG = CONNECT_TIMEOUTS["asyncpg", True]
-
-
-class FakeDBAPI(types.SimpleNamespace):
-    class Error(Exception):
-        pass
-
-    class OperationalError(Error):
-        pass
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def dialect(driver: str, is_async: bool) -> Any:
