@@ -99,7 +99,9 @@ async def test_latency_spike(
     for load in (pooled_load, fresh_load):
         assert all(o.stage == "ok" for o in load.outcomes), load.summary()
     assert sum(attempts.seen.values()) == 0 and pooled.stats().failed_attempts == 0
-    during = pooled_load.select(since=spike_at, until=healed_at - 0.2)
+    # Requests that ended well inside the spike: every one of them met at least part of it (a
+    # slow machine may start none inside it: sync workers are still in their first slow request).
+    during = [o for o in pooled_load.outcomes if spike_at + 0.25 <= o.ended < healed_at]
     # round trips of 0.2 s (healthy: about 1 ms); generous for a loaded machine
     assert during and statistics.median(o.duration for o in during) >= 0.1
     slow_logins = [o for o in fresh_load.outcomes if spike_at < o.ended and o.started < healed_at]
