@@ -225,20 +225,14 @@ class _FaultTolerantPool(Pool):
         telemetry = self._telemetry
         if not telemetry.active():  # only the API's no-op providers: nothing would be kept
             return super().connect()
-        token = telemetry.checkout_started(self._would_wait())
+        checkout = telemetry.checkout_started(self._would_wait())
         try:
             connection = super().connect()
         except BaseException as error:
-            telemetry.checkout_failed(token, error)
+            telemetry.checkout_failed(checkout, error)
             raise
-        telemetry.checked_out(token, connection)
+        telemetry.checked_out(checkout, connection)
         return connection
-
-    def _return_conn(self, record: ConnectionPoolEntry) -> None:
-        telemetry = self._telemetry
-        if telemetry.active():
-            telemetry.checked_in(record)  # a no-op for a checkout that was not measured
-        super()._return_conn(record)
 
     def _would_wait(self) -> bool:
         """Whether a checkout now must wait for a slot (no idle connection, none may be opened)."""
@@ -332,6 +326,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        self._telemetry.checked_in(record)
         upkeep = self._upkeep
         if upkeep is not None:
             idle = self._pool.qsize() if upkeep.idle is not None else 0
@@ -428,6 +423,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        self._telemetry.checked_in(record)
         with self._checked_out_lock:
             self._checked_out -= 1
         NullPool._do_return_conn(self, record)

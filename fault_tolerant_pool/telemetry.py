@@ -8,8 +8,10 @@
   ``fault_tolerant_pool.*`` extension metrics (see the README for the list).
 
 Only opentelemetry-api is used: without an SDK every call lands on a no-op. The gauges (counts,
-limits, pending requests) are observable instruments that read the pool when a reader collects, so
-a checkout does no metric work beyond two histogram records (wait time, use time).
+limits, pending requests) are observable instruments that read the pool when a reader collects.
+A checkout's two histogram values (wait time, use time) are queued and handed to the SDK in
+batches (see :class:`_Deferred`): the SDK's ``Histogram.record`` costs about 6 µs in a tight loop
+and nearly twice that when called once between other work, which a saturated event loop feels.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from functools import lru_cache
@@ -121,6 +124,49 @@ def error_type(error: BaseException) -> str:
     return sqlstate_of(error) or type(error).__name__
 
 
+# -- histogram values handed to the SDK in batches -------------------------------------------------
+
+#: How many queued histogram values make a checkout hand them to the SDK itself (about 16
+#: checkouts' worth; the batch takes some 0.2 ms). A collection hands over whatever is queued.
+FLUSH_EVERY = 32
+
+
+class _Deferred:
+    """Histogram values queued on the checkout path and recorded into the SDK in batches.
+
+    Each value keeps the OpenTelemetry context it was measured in, so an exemplar still points
+    at the request's trace. ``deque.append`` and ``popleft`` are atomic, so threads may queue and
+    flush at once without a lock; a value is recorded exactly once.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: deque[
+            tuple[metrics.Histogram, float, Mapping[str, str], otel_context.Context]
+        ] = deque()
+
+    def record(
+        self, histogram: metrics.Histogram, value: float, attributes: Mapping[str, str]
+    ) -> None:
+        values = self._values
+        values.append((histogram, value, attributes, otel_context.get_current()))
+        if len(values) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        pop = self._values.popleft
+        while True:
+            try:
+                histogram, value, attributes, context = pop()
+            except IndexError:
+                return
+            histogram.record(value, attributes, context)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 # -- the instruments of one meter, shared by every pool reporting through it ----------------------
 
 
@@ -130,6 +176,7 @@ class _Instruments:
 
     def __init__(self, meter: metrics.Meter) -> None:
         self.pools: weakref.WeakSet[PoolTelemetry] = weakref.WeakSet()
+        self.deferred = _Deferred()
         counter, histogram = meter.create_counter, meter.create_histogram
         self.timeouts = counter(
             TIMEOUTS, "{timeout}",
@@ -186,11 +233,14 @@ class _Instruments:
         )  # fmt: skip
 
     # Observable callbacks: run by the reader's collection, never on the checkout path. Pools that
-    # share a name are summed, so one name never yields two conflicting observations.
+    # share a name are summed, so one name never yields two conflicting observations. Each one
+    # first hands the queued histogram values to the SDK (the SDK runs every callback before it
+    # reads its aggregations, so a collection always includes every checkout that finished).
 
     def _observe(
         self, read: Callable[[PoolTelemetry], Iterable[tuple[str | None, int | None]]]
     ) -> Iterator[Observation]:
+        self.deferred.flush()
         totals: dict[tuple[str, str | None], int] = {}
         for telemetry in list(self.pools):
             for state, value in read(telemetry):
@@ -273,6 +323,13 @@ except ImportError:  # pragma: no cover - a future API layout: then always measu
     _metrics_api = None
 
 
+_GLOBALS_FOUND = (
+    _metrics_api is not None
+    and hasattr(_trace_api, "_TRACER_PROVIDER")
+    and hasattr(_metrics_api, "_METER_PROVIDER")
+)
+
+
 def _sdk_installed_globally() -> bool:
     """Whether the application has set a global tracer or meter provider (an SDK).
 
@@ -280,12 +337,9 @@ def _sdk_installed_globally() -> bool:
     (the hot path costs one call). The API keeps these globals private; if they are not where
     they are expected, measure always.
     """
-    if _metrics_api is None:
+    if not _GLOBALS_FOUND:
         return True
-    return (
-        getattr(_trace_api, "_TRACER_PROVIDER", True) is not None
-        or getattr(_metrics_api, "_METER_PROVIDER", True) is not None
-    )
+    return _trace_api._TRACER_PROVIDER is not None or _metrics_api._METER_PROVIDER is not None
 
 
 def _is_noop(provider: Any) -> bool:
@@ -295,23 +349,33 @@ def _is_noop(provider: Any) -> bool:
 # -- one checkout in progress ---------------------------------------------------------------------
 
 
-class _Checkout:
+class Checkout:
     """A checkout in progress; the connector finds it to parent its span under a checkout span."""
 
-    __slots__ = ("span", "started", "telemetry", "waits")
+    __slots__ = ("span", "started", "telemetry", "token", "waits")
 
     def __init__(self, telemetry: PoolTelemetry, started: float, waits: bool) -> None:
         self.telemetry = telemetry
         self.started = started
         self.waits = waits
         self.span: trace.Span | None = None
+        self.token: Token[Checkout | None] | None = None
+
+    def leave(self) -> None:
+        """Stop being the current checkout (at the end of the pool's ``connect()``)."""
+        token = self.token
+        if token is not None:
+            self.token = None
+            try:  # noqa: SIM105 - hot path: contextlib.suppress costs a context manager
+                _current_checkout.reset(token)
+            except ValueError:  # another context (a caller that switched contexts mid-checkout)
+                pass
 
 
-_current_checkout: ContextVar[_Checkout | None] = ContextVar(
+_current_checkout: ContextVar[Checkout | None] = ContextVar(
     "fault_tolerant_pool.checkout", default=None
 )
 
-CheckoutToken = Token[_Checkout | None]
 _CHECKED_OUT_AT = "_fault_tolerant_pool_checked_out_at"
 
 
@@ -352,12 +416,11 @@ class PoolTelemetry:
         )
         self._instruments = _instruments_for(meter_provider)
         # Explicit providers that are not the API's no-op ones: always measure.
-        self._explicit = any(
+        self._measuring = any(
             p is not None and not _is_noop(p) for p in (tracer_provider, meter_provider)
         )
         self._pool: Callable[[], PoolGauges | None] = lambda: None
-        self._lock = threading.Lock()
-        self.pending = 0
+        self._pending: set[Checkout] = set()  # add and discard are atomic: no lock
         self._error_attributes: dict[str, Mapping[str, str]] = {}
         self._instruments.pools.add(self)
 
@@ -411,56 +474,68 @@ class PoolTelemetry:
         return attributes
 
     def active(self) -> bool:
-        """Whether checkouts are measured: a provider was passed, or a global one is set."""
-        return self._explicit or _sdk_installed_globally()
+        """Whether checkouts are measured: a provider was passed, or a global one is set.
 
-    # -- checkout (the hot path: a lock, a context variable, two clock reads, one record) --------
+        The API sets a global provider once per process, so once one is seen it stays seen.
+        """
+        if self._measuring:
+            return True
+        if _sdk_installed_globally():
+            self._measuring = True
+            return True
+        return False
 
-    def checkout_started(self, waits: bool) -> CheckoutToken:
+    @property
+    def pending(self) -> int:
+        """Callers inside the pool's checkout right now (``pending_requests``)."""
+        return len(self._pending)
+
+    # -- checkout (the hot path: a set, a context variable, two clock reads, one queued value) ----
+
+    def checkout_started(self, waits: bool) -> Checkout:
         """A caller entered the pool's checkout; ``waits``: no idle connection and no free slot."""
-        with self._lock:
-            self.pending += 1
-        return _current_checkout.set(_Checkout(self, time.perf_counter(), waits))
+        checkout = Checkout(self, time.perf_counter(), waits)
+        self._pending.add(checkout)
+        checkout.token = _current_checkout.set(checkout)
+        return checkout
 
-    def checked_out(self, token: CheckoutToken, connection: Any) -> None:
+    def checked_out(self, checkout: Checkout, connection: Any) -> None:
         """The caller got ``connection``: record the wait, start the use time."""
-        checkout = _current_checkout.get()
-        _current_checkout.reset(token)
         now = time.perf_counter()
-        with self._lock:
-            self.pending -= 1
-        if checkout is None:  # not ours: someone reset the variable under us
-            return
-        self._instruments.wait_time.record(now - checkout.started, self.attributes)
+        self._pending.discard(checkout)
+        checkout.leave()
+        waited = now - checkout.started
+        self._instruments.deferred.record(self._instruments.wait_time, waited, self.attributes)
         record = connection._connection_record
         if record is not None:
-            setattr(record, _CHECKED_OUT_AT, now)
+            record.__dict__[_CHECKED_OUT_AT] = now
         if checkout.span is not None or (
             checkout.waits
-            and now - checkout.started >= CHECKOUT_SPAN_MIN_WAIT
+            and waited >= CHECKOUT_SPAN_MIN_WAIT
             and trace.get_current_span().is_recording()
         ):
             self._end_checkout_span(checkout, None)
 
-    def checkout_failed(self, token: CheckoutToken, error: BaseException) -> None:
+    def checkout_failed(self, checkout: Checkout, error: BaseException) -> None:
         """The checkout raised (pool timeout, connect given up, cancellation)."""
-        checkout = _current_checkout.get()
-        _current_checkout.reset(token)
-        with self._lock:
-            self.pending -= 1
+        self._pending.discard(checkout)
+        checkout.leave()
         if isinstance(error, PoolTimeoutError):
             self._instruments.timeouts.add(1, self.attributes)
-        if checkout is not None and (checkout.span is not None or checkout.waits):
+        if checkout.span is not None or checkout.waits:
             self._end_checkout_span(checkout, error)
 
     def checked_in(self, record: Any) -> None:
-        """A connection came back to the pool: record how long the caller held it."""
-        started = getattr(record, _CHECKED_OUT_AT, 0.0)
-        if started:
-            setattr(record, _CHECKED_OUT_AT, 0.0)
-            self._instruments.use_time.record(time.perf_counter() - started, self.attributes)
+        """A connection came back to the pool: record how long the caller held it (a no-op for
+        a checkout that was not measured)."""
+        started = record.__dict__.pop(_CHECKED_OUT_AT, None)
+        if started is not None:
+            instruments = self._instruments
+            instruments.deferred.record(
+                instruments.use_time, time.perf_counter() - started, self.attributes
+            )
 
-    def _checkout_span(self, checkout: _Checkout) -> trace.Span:
+    def _checkout_span(self, checkout: Checkout) -> trace.Span:
         if checkout.span is None:
             checkout.span = self._tracer.start_span(
                 CHECKOUT_SPAN,
@@ -469,7 +544,7 @@ class PoolTelemetry:
             )
         return checkout.span
 
-    def _end_checkout_span(self, checkout: _Checkout, error: BaseException | None) -> None:
+    def _end_checkout_span(self, checkout: Checkout, error: BaseException | None) -> None:
         connected = checkout.span is not None  # only a connect starts it before the end
         span = self._checkout_span(checkout)
         if span.is_recording():

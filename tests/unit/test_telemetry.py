@@ -343,12 +343,12 @@ def test_checkouts_are_measured_only_once_a_provider_listens() -> None:
             "postgresql+psycopg://u:pw@127.0.0.1:1/db", poolclass=FaultTolerantQueuePool,
             meter_provider=MeterProvider(),
         )
-        assert explicit.pool._telemetry._explicit
+        assert explicit.pool._telemetry._measuring
         noop = sa.create_engine(
             "postgresql+psycopg://u:pw@127.0.0.1:1/db", poolclass=FaultTolerantQueuePool,
             meter_provider=metrics.NoOpMeterProvider(),
         )
-        assert not noop.pool._telemetry._explicit
+        assert not noop.pool._telemetry._measuring
         print("ok")
         """
     )
@@ -357,3 +357,91 @@ def test_checkouts_are_measured_only_once_a_provider_listens() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# -- the checkout histograms: queued, handed to the SDK in batches and at every collection ------
+
+
+class _Record:
+    """Stands in for SQLAlchemy's connection record (the telemetry only uses its __dict__)."""
+
+
+class _Proxied:
+    def __init__(self) -> None:
+        self._connection_record = _Record()
+
+
+def _checkout_and_checkin(telemetry: PoolTelemetry) -> None:
+    connection = _Proxied()
+    telemetry.checked_out(telemetry.checkout_started(waits=False), connection)
+    telemetry.checked_in(connection._connection_record)
+
+
+
+
+def test_histogram_values_are_queued_then_recorded_in_a_batch() -> None:
+    from fault_tolerant_pool.telemetry import FLUSH_EVERY, USE_TIME, WAIT_TIME
+
+    otel = Otel()
+    telemetry = pool_telemetry(otel)
+    deferred = telemetry._instruments.deferred
+    checkouts = FLUSH_EVERY // 2 - 1  # two values each: one short of a batch
+    for _ in range(checkouts):
+        _checkout_and_checkin(telemetry)
+    assert len(deferred) == 2 * checkouts, "below the batch size nothing reaches the SDK yet"
+    _checkout_and_checkin(telemetry)  # the value that fills the batch hands it over
+    assert len(deferred) == 0
+    # ... and a collection hands over whatever is queued: nothing is lost or counted twice
+    _checkout_and_checkin(telemetry)
+    assert len(deferred) == 2
+    metrics = otel.metrics()
+    assert len(deferred) == 0
+    assert otel.value(WAIT_TIME, metrics) == checkouts + 2
+    assert otel.value(USE_TIME, metrics) == checkouts + 2
+    assert telemetry.pending == 0
+    otel.shutdown()
+
+
+def test_a_queued_value_keeps_the_trace_it_was_measured_in() -> None:
+    """Exemplars still point at the request's trace although the record happens later."""
+    from fault_tolerant_pool.telemetry import WAIT_TIME
+
+    otel = Otel()
+    telemetry = pool_telemetry(otel)
+    with otel.tracer.start_as_current_span("request") as request:
+        _checkout_and_checkin(telemetry)
+    _checkout_and_checkin(telemetry)  # outside any span: no exemplar
+    (point,) = otel.metrics()[WAIT_TIME].data.data_points
+    assert point.count == 2
+    assert [e.trace_id for e in point.exemplars] == [request.get_span_context().trace_id]
+    otel.shutdown()
+
+
+def test_threads_queueing_and_flushing_at_once_record_every_value_once() -> None:
+    import threading
+
+    from fault_tolerant_pool.telemetry import USE_TIME, WAIT_TIME
+
+    otel = Otel()
+    telemetry = pool_telemetry(otel)
+    per_thread, threads = 500, 4
+    start = threading.Barrier(threads + 1)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(per_thread):
+            _checkout_and_checkin(telemetry)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    while any(worker.is_alive() for worker in workers):
+        otel.metrics()  # collections flush while the threads queue and flush
+    for worker in workers:
+        worker.join()
+    metrics = otel.metrics()
+    assert otel.value(WAIT_TIME, metrics) == per_thread * threads
+    assert otel.value(USE_TIME, metrics) == per_thread * threads
+    assert telemetry.pending == 0
+    otel.shutdown()
