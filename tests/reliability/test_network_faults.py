@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -99,11 +98,12 @@ async def test_latency_spike(
     for load in (pooled_load, fresh_load):
         assert all(o.stage == "ok" for o in load.outcomes), load.summary()
     assert sum(attempts.seen.values()) == 0 and pooled.stats().failed_attempts == 0
-    # Requests that ended well inside the spike: every one of them met at least part of it (a
-    # slow machine may start none inside it: sync workers are still in their first slow request).
-    during = [o for o in pooled_load.outcomes if spike_at + 0.25 <= o.ended < healed_at]
-    # round trips of 0.2 s (healthy: about 1 ms); generous for a loaded machine
-    assert during and statistics.median(o.duration for o in during) >= 0.1
+    # The requests in flight during the spike met it: the slowest of them waited for at least one
+    # slowed round trip (0.2 s; healthy: about 1 ms). Every request that overlapped the spike is
+    # looked at: a request of several slowed round trips (pre-ping, BEGIN, SELECT, ROLLBACK) may
+    # span the whole second, so on a loaded machine none need end inside it.
+    during = [o for o in pooled_load.outcomes if o.started < healed_at and o.ended > spike_at + 0.1]
+    assert during and max(o.duration for o in during) >= 0.15, pooled_load.summary()
     slow_logins = [o for o in fresh_load.outcomes if spike_at < o.ended and o.started < healed_at]
     assert max(o.duration for o in slow_logins) >= 0.4  # a login takes several round trips
     after = pooled_load.select(since=healed_at + 0.25)
