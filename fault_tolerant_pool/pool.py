@@ -19,17 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
 from sqlalchemy.util import await_only
 
 from . import credentials as _credentials
-from . import timeouts
-from .classify import Classifier
+from . import timeouts, watchdog
+from .classify import Classifier, classify
 from .connector import RetryingConnector
 from .credentials import CredentialSource
+from .demotion import DemotionWatch
+from .doubt import Doubt, ping_mode
 from .endpoint import connect_arguments, endpoint_of, password_of
+from .hosts import HostRotation, wants_writer
 from .lifetime import (
     DEFAULT_LIFETIME_JITTER,
     DEFAULT_MAX_IDLE,
@@ -44,10 +48,12 @@ from .policy import (
     DEFAULT_INITIAL_DELAY,
     DEFAULT_MAX_DELAY,
     RetryPolicy,
+    _optional_seconds,
 )
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
+from .watchdog import DEFAULT_PING_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -57,14 +63,33 @@ class FaultTolerance:
     policy: RetryPolicy
     telemetry: PoolTelemetry
     classifier: Classifier | None = None
-    ping: bool = False
-    """Ping each new connection inside the retry loop (``retry_ping``)."""
+    ping: bool | None = None
+    """Ping each new connection inside the retry loop (``retry_ping``): True always, False
+    never, None only while the pool has reason to doubt (see :mod:`.doubt`)."""
     counters: ConnectCounters = field(default_factory=ConnectCounters, compare=False)
     credentials: CredentialSource | None = field(default=None, compare=False)
     lifetime: LifetimePolicy = field(default_factory=LifetimePolicy)
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     secrets: Callable[[], tuple[str, ...]] = field(default=tuple, compare=False)
     """The passwords known to the pool (URL, credentials), scrubbed from every message."""
+    hosts: HostRotation | None = field(default=None, compare=False)
+    """A multi-host URL's hosts, tried one by one (see :mod:`.hosts`)."""
+    wants_writer: bool = False
+    """The URL asks for a writable server (``target_session_attrs``)."""
+    demotion: DemotionWatch | None = field(default=None, compare=False)
+    """Statement-time signals of a demoted writer (``demotion_check``)."""
+    doubt: Doubt = field(default_factory=Doubt, compare=False)
+    ping_timeout: float | None = DEFAULT_PING_TIMEOUT
+
+    def handle_error(self, context: Any) -> None:
+        """The engine's ``handle_error`` listener (the first one; the application's come after):
+        a demoted writer's error becomes a disconnect, and a disconnect or a connection-class
+        error raises the doubt that makes new connections pinged."""
+        demotion = self.demotion
+        if demotion is not None:
+            demotion.handle_error(context)
+        if context.is_disconnect or classify(context.original_exception).transient:
+            self.doubt.raised()
 
     @classmethod
     def from_arguments(
@@ -86,7 +111,9 @@ class FaultTolerance:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
-        retry_ping: Any = False,
+        retry_ping: Any = "auto",
+        demotion_check: Any = True,
+        ping_timeout: Any = DEFAULT_PING_TIMEOUT,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
@@ -117,11 +144,21 @@ class FaultTolerance:
             secrets=secrets,
         )
         counters.listener = telemetry
+        writer = wants_writer(arguments)
+        demotion = (
+            DemotionWatch(writer, counters.demoted)
+            if _boolean("demotion_check", demotion_check)
+            else None
+        )
         return cls(
             policy=policy,
             telemetry=telemetry,
             classifier=retry_classifier,
-            ping=_boolean("retry_ping", retry_ping),
+            ping=ping_mode(retry_ping),
+            hosts=HostRotation.from_arguments(arguments),
+            wants_writer=writer,
+            demotion=demotion,
+            ping_timeout=_optional_seconds("ping_timeout", ping_timeout),
             counters=counters,
             credentials=source,
             lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
@@ -200,13 +237,20 @@ class _FaultTolerantPool(Pool):
             secrets=ft.secrets,
             credentials=credentials,
             in_loop=self._in_loop,
-            on_connect=self._connected if self._upkeep is not None else None,
-            ping=self._ping_new if ft.ping else None,
+            on_connect=self._connected
+            if self._upkeep is not None or ft.demotion is not None
+            else None,
+            ping=self._ping_new if ft.ping is not False else None,
+            doubt=ft.doubt if ft.ping is None else None,
             discard=self._discard_new,
+            hosts=ft.hosts,
+            wants_writer=ft.wants_writer,
         )
 
     def _ping_new(self, dbapi_connection: Any) -> None:
-        dialect: Any = self._dialect  # a real dialect: retry_ping needs an engine's pool
+        dialect: Any = self._dialect
+        if self._fault_tolerance.ping is None and isinstance(dialect, _ConnDialect):
+            return  # "auto" in a pool built by hand around a bare creator: nothing to ping with
         dialect.do_ping(dbapi_connection)
 
     def _discard_new(self, dbapi_connection: Any) -> None:
@@ -216,9 +260,33 @@ class _FaultTolerantPool(Pool):
         return bool(self._dialect.is_async)
 
     def _connected(self, record: Any, connection: Any) -> None:
+        driver_connection = self._dialect.get_driver_connection(connection)
         upkeep = self._upkeep
         if upkeep is not None:
-            upkeep.connected(record, self._dialect.get_driver_connection(connection))
+            upkeep.connected(record, driver_connection)
+        demotion = self._fault_tolerance.demotion
+        if demotion is not None and record is not None:
+            demotion.connected(record.info, driver_connection)
+
+    def _install_failover(self) -> None:
+        """Called once SQLAlchemy's ``__init__`` has set the dialect: bound pings, and the
+        statement-time signals (demotion, doubt) through ``handle_error``."""
+        dialect = self._dialect
+        if isinstance(dialect, _ConnDialect):
+            return
+        ft = self._fault_tolerance
+        watchdog.install(dialect, ft.ping_timeout, ft.counters.ping_timed_out)
+        if not event.contains(dialect, "handle_error", ft.handle_error):
+            event.listen(dialect, "handle_error", ft.handle_error)
+        upkeep = self._upkeep
+        if upkeep is not None and ft.demotion is not None:
+            upkeep.demotion = ft.demotion
+            upkeep.invalidate_pool = self._invalidate_all
+
+    def _invalidate_all(self) -> None:
+        """Every connection made before now is replaced at its next checkout (as SQLAlchemy
+        does after a disconnect)."""
+        self._invalidate_time = time.time()
 
     def connect(self) -> PoolProxiedConnection:
         """SQLAlchemy's checkout, measured: wait time, pending requests, timeouts, slow spans."""
@@ -296,7 +364,9 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         liveness_check: bool = DEFAULT_LIVENESS_CHECK,
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
-        retry_ping: bool = False,
+        retry_ping: bool | str = "auto",
+        demotion_check: bool = True,
+        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -308,6 +378,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
+        self._install_failover()
         if self._upkeep is not None and isinstance(self._dialect, _ConnDialect):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
@@ -404,7 +475,9 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         liveness_check: bool = DEFAULT_LIVENESS_CHECK,
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
-        retry_ping: bool = False,
+        retry_ping: bool | str = "auto",
+        demotion_check: bool = True,
+        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -415,6 +488,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
+        self._install_failover()
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)

@@ -57,6 +57,11 @@ class PoolStats:
     """Connections closed because the pool held more idle ones than it used for ``max_idle``."""
     retired_liveness: int = 0
     """Connections found dead at checkout and replaced before the caller saw them."""
+    demotions: int = 0
+    """Connections whose server turned read-only since they were made (a demoted writer):
+    each one invalidated the pool (see the README's Failover section)."""
+    ping_timeouts: int = 0
+    """Pings that got no answer within ``ping_timeout``: their connection was cut."""
 
 
 class CounterListener(Protocol):
@@ -76,10 +81,12 @@ class ConnectCounters:
         "connects",
         "credential_fetches",
         "credential_refreshes",
+        "demotions",
         "failed_attempts",
         "give_ups",
         "last_error",
         "listener",
+        "ping_timeouts",
         "retired",
     )
 
@@ -94,6 +101,8 @@ class ConnectCounters:
         self.credential_refreshes = 0
         self.retired: dict[Retirement, int] = {"lifetime": 0, "idle": 0, "liveness": 0}
         self.listener: CounterListener | None = None
+        self.demotions = 0
+        self.ping_timeouts = 0
 
     def attempt_failed(self, error_class: str, sqlstate: str | None) -> None:
         with self._lock:
@@ -120,6 +129,14 @@ class ConnectCounters:
         if self.listener is not None:
             self.listener.credentials_refreshed()
 
+    def demoted(self) -> None:
+        with self._lock:
+            self.demotions += 1
+
+    def ping_timed_out(self) -> None:
+        with self._lock:
+            self.ping_timeouts += 1
+
     def retire(self, reason: Retirement) -> None:
         with self._lock:
             self.retired[reason] += 1
@@ -142,4 +159,6 @@ class ConnectCounters:
             retired_lifetime=self.retired["lifetime"],
             retired_idle=self.retired["idle"],
             retired_liveness=self.retired["liveness"],
+            demotions=self.demotions,
+            ping_timeouts=self.ping_timeouts,
         )
