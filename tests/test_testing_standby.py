@@ -79,6 +79,8 @@ def test_promote_makes_the_standby_a_writable_primary_that_stays_one(
     seconds = standby.promote(timeout=20)
     assert 0 < seconds < 20
     assert not standby.is_in_recovery()
+    with pytest.raises(ServerError, match="is not a standby"):
+        standby.promote()
     standby.execute("INSERT INTO t VALUES (1)")
     assert not (standby.datadir / "standby.signal").exists()
     standby.restart()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from .server import RunAs, ServerError
+from .server import RunAs, ServerError, ServerUnavailable
 
 if TYPE_CHECKING:
     from .server import PostgresServer
@@ -36,8 +36,14 @@ def base_backup(
     credentials) into the copy, so a server started on it is a hot standby streaming from the
     primary. The checkpoint is a fast one: a spread checkpoint could take minutes.
     """
+    executable = primary.bindir / "pg_basebackup"
+    if not os.access(executable, os.X_OK):
+        raise ServerUnavailable(
+            f"pg_basebackup not found in {primary.bindir} (Debian: apt-get install "
+            "postgresql-client); a standby needs it"
+        )
     cmd = [
-        str(primary.bindir / "pg_basebackup"),
+        str(executable),
         "--pgdata", str(datadir),
         "--host", primary.host,
         "--port", str(primary.port),

@@ -765,6 +765,8 @@ class PostgresServer(ChildService):
         in a new session); raises :class:`ServerError` if that takes longer than ``timeout``.
         """
         started = time.monotonic()
+        if not self.is_in_recovery():
+            raise ServerError(f"server on port {self.port} is not a standby; nothing to promote")
         seconds = max(1, int(timeout))
         rows = self.execute(f"SELECT pg_promote(wait => {'true' if wait else 'false'}, "
                             f"wait_seconds => {seconds})")  # fmt: skip
