@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             pool=args.pool,
             retry_deadline=args.retry_deadline,
+            standby=args.standby,
         )
     except SettingsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         "(DEMO_POOL, default queue)",
     )  # fmt: skip
     parser.add_argument("--retry-deadline", type=float, help="DEMO_RETRY_DEADLINE, default 10")
+    parser.add_argument(
+        "--no-standby", dest="standby", action="store_const", const=False, default=None,
+        help="the throwaway PostgreSQL runs without a streaming standby (DEMO_STANDBY=off)",
+    )  # fmt: skip
     restart = parser.add_argument_group("restart-db")
     restart.add_argument(
         "--url", default=None,
@@ -105,7 +110,7 @@ def serve(settings: Settings) -> int:
     telemetry = None
     try:
         if settings.database_url is None:
-            embedded = _start_embedded()
+            embedded = _start_embedded(settings.standby)
             if embedded is None:
                 return 1
             settings = settings.replace(database_url=embedded.url("asyncpg"))
@@ -155,14 +160,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _start_embedded() -> Any:
+def _start_embedded(standby: bool) -> Any:
     from fault_tolerant_pool.testing import ServerUnavailable
 
     from .embedded import EmbeddedDatabase
 
-    print("starting a throwaway PostgreSQL (no DATABASE_URL given) ...", flush=True)
+    what = "a throwaway PostgreSQL" + (" and a streaming standby" if standby else "")
+    print(f"starting {what} (no DATABASE_URL given) ...", flush=True)
     try:
-        database = EmbeddedDatabase()
+        database = EmbeddedDatabase(make_standby=standby)
     except ServerUnavailable as exc:
         print(
             f"demo: {exc}\n"
@@ -188,6 +194,11 @@ def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
             f"embedded PostgreSQL on 127.0.0.1:{embedded.server.port} "
             f"(throwaway, data in {embedded.server.workdir}, deleted on exit)"
         )
+        if embedded.standby is not None:
+            database += (
+                f"\n  standby    streaming hot standby on 127.0.0.1:{embedded.standby.port} "
+                "(the engine's URL lists both, target_session_attrs=read-write)"
+            )
     else:
         database = url.render_as_string(hide_password=True)
     lines = [
@@ -205,6 +216,8 @@ def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
     if embedded is not None:
         restart = "python -m demo restart-db" + (f" --url {base}" if port != 8000 else "")
         lines.append(f"  restart    {restart}   (or the button on the page)")
+        if embedded.standby is not None:
+            lines.append("  failover   the \"Fail over\" button on the page")
     lines += ["Ctrl-C stops everything.", ""]
     print("\n".join(lines), flush=True)
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, Field
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fault_tolerant_pool import ConnectRetriesExhausted, PoolStats
@@ -38,6 +39,9 @@ DEGRADED_FOR = 10.0
 #: preflight, which this app never grants.
 ADMIN_HEADER = "x-demo-action"
 
+#: "cannot execute ... in a read-only transaction": the writer was demoted under the statement.
+READ_ONLY_SQLSTATE = "25006"
+
 _PAGE = Path(__file__).with_name("static") / "index.html"
 
 
@@ -57,12 +61,14 @@ class DemoState:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(self.stats, self.requests, settings.service_name))
         self.started_at = time.time()
-        self.restart_task: asyncio.Task[None] | None = None
+        #: The restart, failover or standby rebuild under way (one at a time).
+        self.database_task: asyncio.Task[None] | None = None
         url = settings.url
         self.driver = url.get_driver_name()
+        host, port = first_host(url)
         self.server_attributes = {
-            "server.address": url.host or "",
-            "server.port": url.port or 5432,
+            "server.address": host or "",
+            "server.port": port or 5432,
             "db.namespace": url.database or "",
         }
 
@@ -141,10 +147,20 @@ class DemoState:
             "can_restart": self.database is not None,
         }
         if self.database is not None:
+            embedded = self.database
             database["restarts"] = [
                 {"number": r.number, "stopped_at": r.stopped_at, "started_at": r.started_at}
-                for r in self.database.restarts
+                for r in embedded.restarts
             ]
+            # The embedded servers run on this machine for the demo alone: their ports are
+            # what the page shows to tell them apart.
+            database["can_fail_over"] = embedded.can_fail_over
+            database["servers"] = embedded.servers()
+            database["failovers"] = [
+                {"number": f.number, "from_port": f.from_port, "to_port": f.to_port,
+                 "demoted_at": f.demoted_at, "promoted_at": f.promoted_at}
+                for f in embedded.failovers
+            ]  # fmt: skip
         return {
             "status": status,
             "service": self.settings.service_name,
@@ -154,6 +170,20 @@ class DemoState:
             "database": database,
             "requests": self.requests.as_dict(),
         }
+
+
+def first_host(url: URL) -> tuple[str | None, int | None]:
+    """The host and port of a URL; of its first host for a multi-host URL (``?host=h1:p1&...``)."""
+    hosts = url.query.get("host")
+    if url.host is not None or not hosts:
+        return url.host, url.port
+    first = hosts if isinstance(hosts, str) else hosts[0]
+    if first.startswith("[") and "]" in first:
+        host, _, rest = first[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = first.partition(":")
+    return host or None, int(port) if port.isdigit() else None
 
 
 def database_error_body(exc: BaseException) -> dict[str, Any]:
@@ -193,6 +223,14 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
             "error": "database unavailable",
             "reason": "connect_failed",
             "detail": "the database refused the login (permanent error, not retried)",
+            "error_class": type(cause).__name__,
+            "sqlstate": sqlstate,
+        }
+    if sqlstate == READ_ONLY_SQLSTATE:
+        return {
+            "error": "database unavailable",
+            "reason": "server_read_only",
+            "detail": "the server turned read-only (a failover); the statement was not replayed",
             "error_class": type(cause).__name__,
             "sqlstate": sqlstate,
         }
@@ -274,9 +312,9 @@ def create_app(
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-            if state.restart_task is not None:
+            if state.database_task is not None:
                 with contextlib.suppress(Exception):
-                    await state.restart_task
+                    await state.database_task
             await state.engine.dispose()
 
     options: dict[str, Any] = {}
@@ -376,19 +414,64 @@ def create_app(
 
     if database is not None:
 
+        def admit(request: Request, action: str) -> None:
+            """Refuse an action without its header (no cross-site form can send one) or from
+            another machine."""
+            if request.headers.get(ADMIN_HEADER) != action:
+                raise HTTPException(403, f"send the header {ADMIN_HEADER}: {action}")
+            if not _is_loopback(request.client.host if request.client else None):
+                raise HTTPException(403, "only from this machine")
+
         @app.post("/_demo/restart-db", status_code=202)
         async def restart_db(
             request: Request, down_for: float = Query(2.0, ge=0.0, le=30.0)
         ) -> dict[str, Any]:
             """Restart the embedded PostgreSQL (fast shutdown, down for ``down_for`` seconds)."""
-            if request.headers.get(ADMIN_HEADER) != "restart-db":
-                raise HTTPException(403, f"send the header {ADMIN_HEADER}: restart-db")
-            if not _is_loopback(request.client.host if request.client else None):
-                raise HTTPException(403, "only from this machine")
+            admit(request, "restart-db")
             if not database.begin_restart():
                 raise HTTPException(409, "a restart is already under way")
             number = len(database.restarts) + 1
-            state.restart_task = asyncio.create_task(asyncio.to_thread(database.restart, down_for))
+            state.database_task = asyncio.create_task(
+                asyncio.to_thread(database.restart, down_for)
+            )
             return {"restart": number, "down_for": down_for, "state": "stopping"}
+
+        @app.post("/_demo/failover", status_code=202)
+        async def failover(
+            request: Request, gap: float = Query(1.0, ge=0.0, le=10.0)
+        ) -> dict[str, Any]:
+            """Turn the writer read-only, then ``gap`` seconds later promote the standby."""
+            admit(request, "failover")
+            refused = database.begin_failover()
+            if refused is not None:
+                raise HTTPException(409, refused)
+            assert database.standby is not None
+            answer = {
+                "failover": len(database.failovers) + 1,
+                "from_port": database.primary.port,
+                "to_port": database.standby.port,
+                "gap": gap,
+                "state": "failing over",
+            }
+            state.database_task = asyncio.create_task(asyncio.to_thread(database.failover, gap))
+            return answer
+
+        @app.post("/_demo/rebuild-standby", status_code=202)
+        async def rebuild_standby(request: Request) -> dict[str, Any]:
+            """Replace the demoted server by a fresh standby of the writer, on its port."""
+            admit(request, "rebuild-standby")
+            refused = database.begin_rebuild()
+            if refused is not None:
+                raise HTTPException(409, refused)
+            assert database.demoted is not None
+            answer = {"port": database.demoted.port, "upstream_port": database.primary.port}
+            state.database_task = asyncio.create_task(asyncio.to_thread(database.rebuild_standby))
+            return answer
+
+        @app.get("/_demo/servers")
+        async def servers() -> dict[str, Any]:
+            """Each embedded server as it describes itself: ``pg_is_in_recovery()`` and
+            ``default_transaction_read_only`` (asked with psql, not through the pool)."""
+            return {"servers": await asyncio.to_thread(database.inspect)}
 
     return app

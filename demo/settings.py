@@ -25,6 +25,8 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "DEMO_CONNECT_TIMEOUT": "the driver's own timeout for one connect attempt, seconds (default 5)",
     "DEMO_STARTUP_TIMEOUT": "how long startup waits for the database to create the schema "
     "(default 60)",
+    "DEMO_STANDBY": "on (default) or off: whether the throwaway PostgreSQL gets a streaming "
+    "standby, for the page's fail-over button (ignored with DATABASE_URL)",
     "OTEL_SERVICE_NAME": "service name of traces and metrics (default fault-tolerant-pool-demo)",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "send traces over OTLP/HTTP there, e.g. http://jaeger:4318",
 }
@@ -39,8 +41,19 @@ _DRIVERS = {
 }
 
 
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True,
+           "off": False, "false": False, "no": False, "0": False}  # fmt: skip
+
+
 class SettingsError(ValueError):
     """A setting has a value the demo cannot use; the message names the variable."""
+
+
+def _switch(raw: str) -> bool:
+    try:
+        return _SWITCH[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
 
 
 def database_url(raw: str) -> URL:
@@ -76,6 +89,8 @@ class Settings:
     retry_deadline: float = 10.0
     connect_timeout: float = 5.0
     startup_timeout: float = 60.0
+    standby: bool = True
+    """The embedded database gets a streaming hot standby (the page's fail-over button)."""
     service_name: str = "fault-tolerant-pool-demo"
     otlp_endpoint: str | None = None
 
@@ -114,6 +129,7 @@ class Settings:
             ("retry_deadline", "DEMO_RETRY_DEADLINE", float),
             ("connect_timeout", "DEMO_CONNECT_TIMEOUT", float),
             ("startup_timeout", "DEMO_STARTUP_TIMEOUT", float),
+            ("standby", "DEMO_STANDBY", _switch),
             ("service_name", "OTEL_SERVICE_NAME", str),
             ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", str),
         ):

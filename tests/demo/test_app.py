@@ -38,6 +38,10 @@ async def test_every_endpoint(pg_server: PostgresServer) -> None:
             written.append(response.json())
         assert [n["text"] for n in written] == ["first", "second", "third"]
         assert len({n["id"] for n in written}) == 3
+        # A write says which server took it (the page shows writes move in a failover).
+        for note in written:
+            assert note.pop("server_port") == pg_server.port
+            assert note.pop("server_in_recovery") is False
 
         one = await client.get(f"/notes/{written[1]['id']}")
         assert one.status_code == 200 and one.json() == written[1]

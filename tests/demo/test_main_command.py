@@ -43,6 +43,10 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
             assert match, database
             pg_port, workdir = int(match.group(1)), match.group(2)
             assert os.path.isdir(workdir)
+            # By default the throwaway PostgreSQL has a streaming standby (the fail-over button).
+            standby = re.search(r"standby on 127\.0\.0\.1:(\d+) ", demo.banner_value("standby"))
+            assert standby, demo.output
+            standby_port = int(standby.group(1))
             assert "FaultTolerantQueuePool (asyncpg" in demo.banner_value("pool")
             assert demo.banner_value("traces") == f"OTLP/HTTP to {otlp.endpoint}"
 
@@ -79,12 +83,22 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
                 assert health["database"]["embedded"] is True
                 assert health["database"]["state"] == "running"
                 assert len(health["database"]["restarts"]) == 1
+                assert health["database"]["can_fail_over"] is True
+                assert [(s["port"], s["role"]) for s in health["database"]["servers"]] == [
+                    (pg_port, "primary"), (standby_port, "standby"),
+                ]  # fmt: skip
+                # The standby followed the restarted primary.
+                assert wait_until(
+                    lambda: client.get("/_demo/servers").json()["servers"][1]["in_recovery"]
+                    is True, 10,
+                )  # fmt: skip
 
             assert demo.stop(signal.SIGINT) == 0, demo.output
             assert "demo stopped (embedded PostgreSQL deleted)" in demo.output
             assert "Traceback" not in demo.output, demo.output
         assert not os.path.exists(workdir), "the embedded database's directory is removed"
         assert refuses(pg_port), "the embedded PostgreSQL is stopped"
+        assert refuses(standby_port), "and its standby"
 
         # Spans went out over OTLP: the request (server) and its database operation (client).
         assert wait_until(lambda: bool(otlp.requests), 10)
