@@ -194,6 +194,8 @@ def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
             f"embedded PostgreSQL on 127.0.0.1:{embedded.server.port} "
             f"(throwaway, data in {embedded.server.workdir}, deleted on exit)"
         )
+        if embedded.no_standby_reason is not None:
+            database += f"\n  standby    none: {embedded.no_standby_reason}"
         if embedded.standby is not None:
             database += (
                 f"\n  standby    streaming hot standby on 127.0.0.1:{embedded.standby.port} "

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fault_tolerant_pool.testing import PostgresServer, PsqlError, multi_host_url
+from fault_tolerant_pool.testing import PostgresServer, PsqlError, ServerUnavailable, multi_host_url
 
 DatabaseState = Literal["starting", "running", "stopping", "down", "failing over", "failed"]
 Role = Literal["primary", "standby", "demoted", "rebuilding"]
@@ -66,11 +66,16 @@ class EmbeddedDatabase:
         self.restarts: list[Restart] = []
         self.failovers: list[Failover] = []
         self.ports = self._ports()
+        #: Why :meth:`start` could not make the standby it was asked for (``None``: it did).
+        self.no_standby_reason: str | None = None
 
     def start(self) -> None:
         self.server.start()
         if self._make_standby and self.standby is None:
-            self.standby = self.server.standby()
+            try:
+                self.standby = self.server.standby()
+            except ServerUnavailable as exc:  # e.g. no pg_basebackup: the demo runs without
+                self.no_standby_reason = str(exc)
         self.ports = self._ports()
         self.state = "running"
 

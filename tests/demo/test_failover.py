@@ -52,7 +52,7 @@ async def wait_for(client: httpx.AsyncClient, done: Any, what: str, timeout: flo
 
 
 async def fail_over_under_writes(
-    client: httpx.AsyncClient, number: int, from_port: int, to_port: int
+    client: httpx.AsyncClient, number: int, from_port: int, to_port: int, driver: str
 ) -> list[Write]:
     """Eight workers writing while the writer is demoted and the standby promoted ``GAP`` later;
     until ``AFTER`` seconds after the promotion."""
@@ -96,7 +96,7 @@ async def fail_over_under_writes(
     moved = [w for w in landed if w.body["server_port"] == to_port]
     first_on_new = min(w.ended for w in moved)
     print(
-        f"\nfailover {number} :{from_port} -> :{to_port}: {len(writes)} writes, "
+        f"\n{driver} failover {number} :{from_port} -> :{to_port}: {len(writes)} writes, "
         f"{len(failed)} failed, first write on the new primary "
         f"{first_on_new - promoted_at:+.3f} s after the promotion"
     )
@@ -143,7 +143,7 @@ async def test_fail_over_moves_the_writes_and_the_second_click_rebuilds_the_stan
             ]
             assert (await client.post("/_demo/failover")).status_code == 403  # no header
 
-            await fail_over_under_writes(client, 1, a, b)
+            await fail_over_under_writes(client, 1, a, b, driver)
             servers = (await client.get("/_demo/servers")).json()["servers"]
             assert servers == [
                 {"port": a, "role": "demoted", "running": True, "in_recovery": False,
@@ -169,7 +169,7 @@ async def test_fail_over_moves_the_writes_and_the_second_click_rebuilds_the_stan
             assert (await client.post("/_demo/rebuild-standby", headers=REBUILD)).status_code == 409
 
             # And back: the same URL reaches the rebuilt server once it is promoted.
-            await fail_over_under_writes(client, 2, b, a)
+            await fail_over_under_writes(client, 2, b, a, driver)
             listing = (await client.get("/notes/", params={"limit": 1})).json()
             assert listing["count"] >= 1
             pool = app.state.demo.stats()
