@@ -188,3 +188,20 @@ async def test_without_a_standby_there_is_no_failover(pg_server: PostgresServer)
         assert health["servers"] == [{"port": pg_server.port, "role": "primary", "running": True}]
         refused = await client.post("/_demo/failover", headers=FAILOVER)
         assert refused.status_code == 409 and "without a standby" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_fail_over_with_the_null_pool(
+    pg_primary_standby: tuple[PostgresServer, PostgresServer], driver: str
+) -> None:
+    """``--pool null`` on the embedded database: every checkout is a connect to the writer."""
+    primary, standby = pg_primary_standby
+    database = EmbeddedDatabase(primary, standby)
+    database.state = "running"
+    try:
+        settings = Settings(database_url=database.url(driver), pool="null")
+        async with running_app(settings, database) as (app, client):
+            await fail_over_under_writes(client, 1, primary.port, standby.port, driver + " null")
+            assert app.state.demo.stats().give_ups == 0
+    finally:
+        database.destroy()
