@@ -1,4 +1,4 @@
-"""Every ping the pool makes has a time limit: a silent peer cannot hang a checkout.
+"""Every ping (and rollback) has a time limit: a silent peer cannot hang a checkout or checkin.
 
 A pooled connection whose peer vanished without a word (the old primary's address black-holed
 in a cloud failover, a firewall that drops the flow) looks alive: the ping is sent and the
@@ -9,6 +9,13 @@ driver then sees the connection end, raises, and SQLAlchemy treats that as a dis
 any dead connection: the liveness ping and ``pool_pre_ping`` replace it through the retry
 loop, ``retry_ping`` retries the connect. This covers the pool's liveness ping after idleness,
 ``retry_ping`` and SQLAlchemy's own ``pool_pre_ping`` (all go through ``dialect.do_ping``).
+
+``dialect.do_rollback`` gets the same limit: the pool resets every returned connection with a
+rollback, which would hang the same way (for ever, after a request's own time limit cancelled a
+statement on a black-holed connection: psycopg answers that with an error, not a disconnect). A
+PostgreSQL ``ROLLBACK`` does not wait for locks or I/O of the transaction; a healthy server
+answers it as fast as a ping. An application's explicit ``rollback()`` goes through the same
+method, so it is bounded too.
 
 Async engines arm the limit with ``loop.call_later`` (no thread); sync engines with one watchdog
 thread per process, started on first use, which sleeps until the earliest deadline.
@@ -26,7 +33,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("fault_tolerant_pool.liveness")
 
@@ -132,25 +141,27 @@ class Watchdog:
 _watchdog = Watchdog()
 
 
-def bounded_ping(
-    do_ping: Callable[[Any], bool],
+def bounded(
+    operation: Callable[[Any], _T],
+    what: str,
     seconds: float,
     driver_connection_of: Callable[[Any], Any],
     on_timeout: Callable[[], None],
-) -> Callable[[Any], bool]:
-    """``do_ping`` that cuts the connection if it has not answered after ``seconds``."""
+) -> Callable[[Any], _T]:
+    """``operation(dbapi_connection)`` that cuts the connection if it has not returned after
+    ``seconds``."""
 
-    def do_ping_bounded(dbapi_connection: Any) -> bool:
+    def bounded_operation(dbapi_connection: Any) -> _T:
         try:
             fd = socket_fd(driver_connection_of(dbapi_connection))
         except Exception:
             fd = None
         if fd is None:
-            return do_ping(dbapi_connection)
+            return operation(dbapi_connection)
 
         def expire() -> None:
             on_timeout()
-            logger.warning("a ping got no answer within %.3gs: cutting its connection", seconds)
+            logger.warning("a %s got no answer within %.3gs: cutting its connection", what, seconds)
             cut(fd)
 
         try:
@@ -160,18 +171,27 @@ def bounded_ping(
         else:
             handle = loop.call_later(seconds, expire)
         try:
-            return do_ping(dbapi_connection)
+            return operation(dbapi_connection)
         finally:
             handle.cancel()
 
-    setattr(do_ping_bounded, _WRAPPED, True)
-    return do_ping_bounded
+    setattr(bounded_operation, _WRAPPED, True)
+    return bounded_operation
+
+
+#: The dialect's methods given the time limit, with what the log calls them.
+BOUNDED: dict[str, str] = {"do_ping": "ping", "do_rollback": "rollback"}
 
 
 def install(dialect: Any, seconds: float | None, on_timeout: Callable[[], None]) -> None:
-    """Give the dialect's ``do_ping`` the time limit (once per dialect; None: no limit)."""
-    if seconds is None or getattr(dialect.do_ping, _WRAPPED, False):
+    """Give the dialect's pings and rollbacks the time limit (once per dialect; None: none)."""
+    if seconds is None:
         return
-    dialect.do_ping = bounded_ping(
-        dialect.do_ping, seconds, dialect.get_driver_connection, on_timeout
-    )
+    for name, what in BOUNDED.items():
+        method = getattr(dialect, name)
+        if not getattr(method, _WRAPPED, False):
+            setattr(
+                dialect,
+                name,
+                bounded(method, what, seconds, dialect.get_driver_connection, on_timeout),
+            )

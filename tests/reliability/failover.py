@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from fault_tolerant_pool.testing import FaultProxy, PostgresServer, multi_host_url
 
@@ -158,9 +159,9 @@ def prepare(primary: PostgresServer) -> None:
 def engine_for(
     url: str, poolclass: type, *, pool_size: int, max_overflow: int = 0, **kw: Any
 ) -> AsyncEngine:
-    return create_async_engine(
-        url, poolclass=poolclass, pool_size=pool_size, max_overflow=max_overflow, **kw
-    )
+    if not issubclass(poolclass, NullPool):
+        kw.update(pool_size=pool_size, max_overflow=max_overflow)
+    return create_async_engine(url, poolclass=poolclass, **kw)
 
 
 async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -191,6 +192,7 @@ async def demote_then_promote(
 
     async def timeline(run: Run) -> None:
         await asyncio.sleep(warm)
+        run.marks["demoting"] = time.monotonic()
         await _thread(primary.set_read_only, True)
         run.marks["demoted"] = time.monotonic()
         await asyncio.sleep(gap)
@@ -223,6 +225,7 @@ async def stop_then_promote(
 
     async def timeline(run: Run) -> None:
         await asyncio.sleep(warm)
+        run.marks["stopping"] = time.monotonic()
         await _thread(primary.stop, "fast")
         run.marks["stopped"] = time.monotonic()
         await _thread(standby.promote)
@@ -270,20 +273,23 @@ async def blackholed_pooled_connections(
     *,
     workers: int = 20,
     warm: float = 1.0,
-    after: float = 7.0,
-    pause: float = 0.05,
+    after: float = 5.0,
+    pause: float = 1.2,
     request_timeout: float = 3.0,
     **engine_kw: Any,
 ) -> Run:
     """Every pooled connection goes through the first host (a proxy), which then black-holes
-    them all (new connections too); the second host reaches the same server directly. Each
-    request has the application's own time limit (``request_timeout``)."""
+    them all (new connections too); the second host reaches the same server directly. Workers
+    think ``pause`` seconds between requests (longer than ``liveness_ping_after``, so a
+    checkout pings), and each request has the application's own time limit
+    (``request_timeout``) for a statement caught in flight."""
     url = multi_host_url(driver, [(proxy.host, proxy.port), primary])
     engine = engine_for(url, poolclass, pool_size=workers, **engine_kw)
     run = Run("blackholed_pooled_connections", setup, driver, time.monotonic())
 
     async def timeline(run: Run) -> None:
         await asyncio.sleep(warm)
+        run.marks["blackholing"] = time.monotonic()
         await _thread(proxy.blackhole)
         run.marks["blackholed"] = time.monotonic()
         await asyncio.sleep(after)
