@@ -12,6 +12,7 @@ pre-ping and recycle stay SQLAlchemy's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
@@ -85,6 +86,10 @@ class FaultTolerance:
         """The engine's ``handle_error`` listener (the first one; the application's come after):
         a demoted writer's error becomes a disconnect, and a disconnect or a connection-class
         error raises the doubt that makes new connections pinged."""
+        connection = context.connection
+        if connection is not None and not context.is_disconnect:
+            with contextlib.suppress(Exception):  # closed meanwhile: nothing to mark
+                watchdog.suspect(connection.connection.info)
         demotion = self.demotion
         if demotion is not None:
             demotion.handle_error(context)

@@ -10,12 +10,14 @@ any dead connection: the liveness ping and ``pool_pre_ping`` replace it through 
 loop, ``retry_ping`` retries the connect. This covers the pool's liveness ping after idleness,
 ``retry_ping`` and SQLAlchemy's own ``pool_pre_ping`` (all go through ``dialect.do_ping``).
 
-``dialect.do_rollback`` gets the same limit: the pool resets every returned connection with a
-rollback, which would hang the same way (for ever, after a request's own time limit cancelled a
-statement on a black-holed connection: psycopg answers that with an error, not a disconnect). A
-PostgreSQL ``ROLLBACK`` does not wait for locks or I/O of the transaction; a healthy server
-answers it as fast as a ping. An application's explicit ``rollback()`` goes through the same
-method, so it is bounded too.
+``dialect.do_rollback`` gets the same limit on a connection whose last statement failed (the
+engine's ``handle_error`` marks it, see :func:`suspect`): the pool resets every returned
+connection with a rollback, which would hang the same way, for ever, after a request's own time
+limit cancelled a statement on a black-holed connection (psycopg answers that cancellation with
+an error after its own cancel attempt, not with a disconnect). A PostgreSQL ``ROLLBACK`` does not
+wait for locks or I/O of the transaction; a healthy server answers it as fast as a ping. The
+rollback of a connection whose statements all succeeded is left unbounded: it is on the hot path
+(every checkin), and the statement before it just proved the peer alive.
 
 Async engines arm the limit with ``loop.call_later`` (no thread); sync engines with one watchdog
 thread per process, started on first use, which sleeps until the earliest deadline.
@@ -179,19 +181,40 @@ def bounded(
     return bounded_operation
 
 
-#: The dialect's methods given the time limit, with what the log calls them.
-BOUNDED: dict[str, str] = {"do_ping": "ping", "do_rollback": "rollback"}
+#: The key in ``record.info`` of a connection whose last statement failed.
+SUSPECT = "fault_tolerant_pool.suspect"
+
+
+def suspect(info: dict[str, Any]) -> None:
+    """A statement failed on the connection of ``info``: bound its next rollback."""
+    info[SUSPECT] = True
+
+
+def _rollback_when_suspect(
+    rollback: Callable[[Any], None], bounded_rollback: Callable[[Any], None]
+) -> Callable[[Any], None]:
+    def do_rollback(dbapi_connection: Any) -> None:
+        try:
+            info = dbapi_connection.info  # a pooled connection: its record's info
+        except Exception:  # a raw DBAPI connection, or SQLAlchemy's ad-hoc first connection
+            info = None
+        if type(info) is dict and info.pop(SUSPECT, False):
+            bounded_rollback(dbapi_connection)
+        else:
+            rollback(dbapi_connection)
+
+    setattr(do_rollback, _WRAPPED, True)
+    return do_rollback
 
 
 def install(dialect: Any, seconds: float | None, on_timeout: Callable[[], None]) -> None:
-    """Give the dialect's pings and rollbacks the time limit (once per dialect; None: none)."""
-    if seconds is None:
+    """Give the dialect's pings, and rollbacks after a failed statement, the time limit (once
+    per dialect; None: no limit)."""
+    if seconds is None or getattr(dialect.do_ping, _WRAPPED, False):
         return
-    for name, what in BOUNDED.items():
-        method = getattr(dialect, name)
-        if not getattr(method, _WRAPPED, False):
-            setattr(
-                dialect,
-                name,
-                bounded(method, what, seconds, dialect.get_driver_connection, on_timeout),
-            )
+    driver = dialect.get_driver_connection
+    dialect.do_ping = bounded(dialect.do_ping, "ping", seconds, driver, on_timeout)
+    rollback = dialect.do_rollback
+    dialect.do_rollback = _rollback_when_suspect(
+        rollback, bounded(rollback, "rollback", seconds, driver, on_timeout)
+    )
