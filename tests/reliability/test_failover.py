@@ -197,3 +197,29 @@ async def test_a_ping_that_gets_no_answer_is_cut_at_ping_timeout(
             engine.dispose()
         else:
             await async_engine.dispose()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_demoted_idle_connection_is_not_lent(
+    pg_primary_standby: tuple[PostgresServer, PostgresServer], driver: str
+) -> None:
+    """Idle past ``liveness_ping_after``, the connection's ping shows its server read-only: it
+    is replaced (and the pool with it) before the checkout, so not even one write fails."""
+    primary, standby = pg_primary_standby
+    failover.prepare(primary)
+    engine = create_async_engine(
+        multi_host_url(driver, [primary, standby]), poolclass=FaultTolerantQueuePool,
+        pool_size=2, max_overflow=0,
+    )  # fmt: skip
+    try:
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text(failover.WRITE))).scalar_one() == primary.port
+        await asyncio.to_thread(primary.set_read_only, True)
+        await asyncio.to_thread(standby.promote)
+        await asyncio.sleep(1.2)
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text(failover.WRITE))).scalar_one() == standby.port
+        stats = engine.sync_engine.pool.stats()  # type: ignore[attr-defined]
+        assert stats.demotions == 1 and stats.retired_liveness == 1
+    finally:
+        await engine.dispose()
