@@ -223,3 +223,39 @@ async def test_a_demoted_idle_connection_is_not_lent(
         assert stats.demotions == 1 and stats.retired_liveness == 1
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("flavour", ["psycopg_async", "psycopg"])
+async def test_libpq_url_form_with_a_black_holed_first_host(
+    pg_server: PostgresServer, fault_proxy: FaultProxy, flavour: str
+) -> None:
+    """libpq's own multi-host form (``host=a,b&port=p,q``) is tried host by host too; libpq
+    alone would give the silent first host its whole ``connect_timeout``."""
+    await asyncio.to_thread(fault_proxy.blackhole)
+    url = (
+        f"postgresql+{flavour}://{pg_server.user}:{pg_server.password}@/{pg_server.dbname}"
+        f"?host={fault_proxy.host},{pg_server.host}&port={fault_proxy.port},{pg_server.port}"
+    )
+    query = sa.text("SELECT inet_server_port()")
+    started = time.monotonic()
+    if flavour == "psycopg":
+        engine = sa.create_engine(url, poolclass=FaultTolerantQueuePool)
+
+        def scalar() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(query).scalar_one())
+
+        try:
+            assert await asyncio.to_thread(scalar) == pg_server.port
+        finally:
+            engine.dispose()
+        limit = 4.5  # libpq waits at least 2 s per host (alone: the whole 5 s attempt limit)
+    else:
+        async_engine = create_async_engine(url, poolclass=FaultTolerantQueuePool)
+        try:
+            async with async_engine.connect() as conn:
+                assert (await conn.execute(query)).scalar_one() == pg_server.port
+        finally:
+            await async_engine.dispose()
+        limit = 2.5  # the first look at the silent host: 0.5 s (alone: 5 s)
+    assert time.monotonic() - started < limit
