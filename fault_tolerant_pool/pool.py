@@ -12,6 +12,7 @@ pre-ping and recycle stay SQLAlchemy's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
@@ -85,6 +86,10 @@ class FaultTolerance:
         """The engine's ``handle_error`` listener (the first one; the application's come after):
         a demoted writer's error becomes a disconnect, and a disconnect or a connection-class
         error raises the doubt that makes new connections pinged."""
+        connection = context.connection
+        if connection is not None and not context.is_disconnect:
+            with contextlib.suppress(Exception):  # closed meanwhile: nothing to mark
+                watchdog.suspect(connection.connection.info)
         demotion = self.demotion
         if demotion is not None:
             demotion.handle_error(context)
@@ -200,6 +205,9 @@ class _FaultTolerantPool(Pool):
     _fault_tolerance: FaultTolerance
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
+    _keeps_connections = True
+    """Whether connections outlive a checkout (a demoted server's connections are worth
+    replacing only then)."""
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -238,7 +246,7 @@ class _FaultTolerantPool(Pool):
             credentials=credentials,
             in_loop=self._in_loop,
             on_connect=self._connected
-            if self._upkeep is not None or ft.demotion is not None
+            if self._upkeep is not None or (ft.demotion is not None and self._keeps_connections)
             else None,
             ping=self._ping_new if ft.ping is not False else None,
             doubt=ft.doubt if ft.ping is None else None,
@@ -265,7 +273,7 @@ class _FaultTolerantPool(Pool):
         if upkeep is not None:
             upkeep.connected(record, driver_connection)
         demotion = self._fault_tolerance.demotion
-        if demotion is not None and record is not None:
+        if demotion is not None and record is not None and self._keeps_connections:
             demotion.connected(record.info, driver_connection)
 
     def _install_failover(self) -> None:
@@ -489,6 +497,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         self._install_credentials()
         timeouts.install(self._dialect)
         self._install_failover()
+
+    _keeps_connections = False
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)

@@ -1,4 +1,4 @@
-"""Every ping the pool makes has a time limit: a silent peer cannot hang a checkout.
+"""Every ping (and rollback) has a time limit: a silent peer cannot hang a checkout or checkin.
 
 A pooled connection whose peer vanished without a word (the old primary's address black-holed
 in a cloud failover, a firewall that drops the flow) looks alive: the ping is sent and the
@@ -9,6 +9,15 @@ driver then sees the connection end, raises, and SQLAlchemy treats that as a dis
 any dead connection: the liveness ping and ``pool_pre_ping`` replace it through the retry
 loop, ``retry_ping`` retries the connect. This covers the pool's liveness ping after idleness,
 ``retry_ping`` and SQLAlchemy's own ``pool_pre_ping`` (all go through ``dialect.do_ping``).
+
+``dialect.do_rollback`` gets the same limit on a connection whose last statement failed (the
+engine's ``handle_error`` marks it, see :func:`suspect`): the pool resets every returned
+connection with a rollback, which would hang the same way, for ever, after a request's own time
+limit cancelled a statement on a black-holed connection (psycopg answers that cancellation with
+an error after its own cancel attempt, not with a disconnect). A PostgreSQL ``ROLLBACK`` does not
+wait for locks or I/O of the transaction; a healthy server answers it as fast as a ping. The
+rollback of a connection whose statements all succeeded is left unbounded: it is on the hot path
+(every checkin), and the statement before it just proved the peer alive.
 
 Async engines arm the limit with ``loop.call_later`` (no thread); sync engines with one watchdog
 thread per process, started on first use, which sleeps until the earliest deadline.
@@ -26,7 +35,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("fault_tolerant_pool.liveness")
 
@@ -132,25 +143,27 @@ class Watchdog:
 _watchdog = Watchdog()
 
 
-def bounded_ping(
-    do_ping: Callable[[Any], bool],
+def bounded(
+    operation: Callable[[Any], _T],
+    what: str,
     seconds: float,
     driver_connection_of: Callable[[Any], Any],
     on_timeout: Callable[[], None],
-) -> Callable[[Any], bool]:
-    """``do_ping`` that cuts the connection if it has not answered after ``seconds``."""
+) -> Callable[[Any], _T]:
+    """``operation(dbapi_connection)`` that cuts the connection if it has not returned after
+    ``seconds``."""
 
-    def do_ping_bounded(dbapi_connection: Any) -> bool:
+    def bounded_operation(dbapi_connection: Any) -> _T:
         try:
             fd = socket_fd(driver_connection_of(dbapi_connection))
         except Exception:
             fd = None
         if fd is None:
-            return do_ping(dbapi_connection)
+            return operation(dbapi_connection)
 
         def expire() -> None:
             on_timeout()
-            logger.warning("a ping got no answer within %.3gs: cutting its connection", seconds)
+            logger.warning("a %s got no answer within %.3gs: cutting its connection", what, seconds)
             cut(fd)
 
         try:
@@ -160,18 +173,48 @@ def bounded_ping(
         else:
             handle = loop.call_later(seconds, expire)
         try:
-            return do_ping(dbapi_connection)
+            return operation(dbapi_connection)
         finally:
             handle.cancel()
 
-    setattr(do_ping_bounded, _WRAPPED, True)
-    return do_ping_bounded
+    setattr(bounded_operation, _WRAPPED, True)
+    return bounded_operation
+
+
+#: The key in ``record.info`` of a connection whose last statement failed.
+SUSPECT = "fault_tolerant_pool.suspect"
+
+
+def suspect(info: dict[str, Any]) -> None:
+    """A statement failed on the connection of ``info``: bound its next rollback."""
+    info[SUSPECT] = True
+
+
+def _rollback_when_suspect(
+    rollback: Callable[[Any], None], bounded_rollback: Callable[[Any], None]
+) -> Callable[[Any], None]:
+    def do_rollback(dbapi_connection: Any) -> None:
+        try:
+            info = dbapi_connection.info  # a pooled connection: its record's info
+        except Exception:  # a raw DBAPI connection, or SQLAlchemy's ad-hoc first connection
+            info = None
+        if type(info) is dict and info.pop(SUSPECT, False):
+            bounded_rollback(dbapi_connection)
+        else:
+            rollback(dbapi_connection)
+
+    setattr(do_rollback, _WRAPPED, True)
+    return do_rollback
 
 
 def install(dialect: Any, seconds: float | None, on_timeout: Callable[[], None]) -> None:
-    """Give the dialect's ``do_ping`` the time limit (once per dialect; None: no limit)."""
+    """Give the dialect's pings, and rollbacks after a failed statement, the time limit (once
+    per dialect; None: no limit)."""
     if seconds is None or getattr(dialect.do_ping, _WRAPPED, False):
         return
-    dialect.do_ping = bounded_ping(
-        dialect.do_ping, seconds, dialect.get_driver_connection, on_timeout
+    driver = dialect.get_driver_connection
+    dialect.do_ping = bounded(dialect.do_ping, "ping", seconds, driver, on_timeout)
+    rollback = dialect.do_rollback
+    dialect.do_rollback = _rollback_when_suspect(
+        rollback, bounded(rollback, "rollback", seconds, driver, on_timeout)
     )
