@@ -40,7 +40,9 @@ async def test_writer_turned_read_only_then_standby_promoted(
 ) -> None:
     primary, standby = pg_primary_standby
     failover.prepare(primary)
-    run = await failover.demote_then_promote(primary, standby, driver, poolclass, "ft")
+    run = await failover.demote_then_promote(
+        primary, standby, driver, poolclass, "ft", warm=0.5, after=1.5
+    )
     summary = _summary(run)
     assert run.count("checkout") == 0 and run.hung == 0, summary
     assert run.failed_statements_per_worker() <= 2, summary
@@ -64,7 +66,7 @@ async def test_plain_promotion_after_the_primary_stops(
     primary, standby = pg_primary_standby
     failover.prepare(primary)
     run = await failover.stop_then_promote(
-        primary, standby, driver, FaultTolerantQueuePool, "ft"
+        primary, standby, driver, FaultTolerantQueuePool, "ft", warm=0.5, after=1.5
     )
     summary = _summary(run)
     assert run.count("checkout") == 0 and run.hung == 0, summary
@@ -80,7 +82,7 @@ async def test_black_holed_first_host(
 ) -> None:
     failover.prepare(pg_server)
     run = await failover.blackholed_first_host(
-        pg_server, fault_proxy, driver, FaultTolerantQueuePool, "ft", duration=4.0
+        pg_server, fault_proxy, driver, FaultTolerantQueuePool, "ft", duration=3.0
     )
     summary = _summary(run)
     assert run.count("ok") > 0 and run.errors() == {} and run.hung == 0, summary
