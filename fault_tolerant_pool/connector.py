@@ -12,8 +12,9 @@ from typing import Any
 
 from .classify import Classifier, Verdict, classify_with, innermost_class, sqlstate_of
 from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer, withdraw
-from .errors import CredentialsError, exhausted_error, one_line, redact
+from .errors import CredentialsError, exhausted_error, one_line, redact, too_many_waiting
 from .policy import Backoff, RetryPolicy
+from .probe import Admission, Gate
 from .stats import ConnectCounters
 from .telemetry import PoolTelemetry, disabled
 from .timeouts import AttemptTimer, release_frames, retire
@@ -53,6 +54,10 @@ class RetryingConnector:
     provider within the time left before the deadline). A refused login (``28P01``/``28000``)
     drops the cached secret and is retried at once, once per connect; refused again, it is
     permanent. ``on_connect(record, connection)`` runs after each successful connect.
+
+    With a ``gate`` (:mod:`fault_tolerant_pool.probe`), every attempt is admitted by it: while
+    connects fail it paces one attempt at a time for the whole pool (its wait replaces this
+    loop's own backoff sleep), and it refuses at once while the pool fails fast.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class RetryingConnector:
         on_connect: OnConnect | None = None,
         ping: Callable[[Any], object] | None = None,
         discard: Callable[[Any], object] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.creator = creator
         self.policy = policy
@@ -89,6 +95,7 @@ class RetryingConnector:
         self.on_connect = on_connect
         self.ping = ping
         self.discard = discard
+        self.gate = gate
 
     def __call__(self, record: Any) -> Any:
         with self.telemetry.connect() as trace:  # one span around every attempt and backoff
@@ -99,8 +106,11 @@ class RetryingConnector:
         timer = AttemptTimer(self.policy.attempt_timeout)
         credentials = self.credentials
         refreshed = False
+        gate = self.gate
         while True:
             secret: Secret | None = None
+            if gate is not None:
+                self._admit(gate, backoff)
             started = self.clock()
             timer.begin(started, backoff.remaining(started))
             try:
@@ -117,6 +127,8 @@ class RetryingConnector:
                 verdict = classify_with(self.classifier, error)
                 self.counters.attempt_failed(innermost_class(error), verdict.sqlstate)
                 now = self.clock()
+                if gate is not None:
+                    gate.finished(now, error if verdict.transient else None, backoff.started)
                 refresh: str | None = None
                 if verdict.transient:
                     delay = backoff.next_delay(now, self.random)
@@ -148,9 +160,15 @@ class RetryingConnector:
                         raise
                     raise failure from error
                 self._log_attempt(error, verdict, backoff.failures, delay, refresh)
-                if delay > 0:
-                    self.sleep(delay)
+                if delay > 0 and gate is None:
+                    self.sleep(delay)  # with a gate, its wait for the next probe is the backoff
+            except BaseException:
+                if gate is not None:
+                    gate.abandoned()  # cancelled: the probe passes to another caller
+                raise
             else:
+                if gate is not None:
+                    gate.finished(self.clock(), None, backoff.started)
                 if record is not None and backoff.failures:
                     # SQLAlchemy stamped the record when the connect began; after retries that
                     # is too early: an invalidation of the pool during the outage would make
@@ -162,6 +180,29 @@ class RetryingConnector:
                 if self.on_connect is not None:
                     self.on_connect(record, connection)
                 return connection
+
+    def _admit(self, gate: Gate, backoff: Backoff) -> None:
+        """Wait for the gate's leave to attempt; raise what the caller sees when it refuses."""
+        admission = gate.enter(backoff.started + self.policy.deadline, self.in_loop())
+        if admission is Admission.GO:
+            return
+        if admission is Admission.REJECTED:
+            limit = gate.room.limit
+            raise too_many_waiting(0 if limit is None else limit, "the connect probe")
+        now = self.clock()
+        last = gate.last_error or TimeoutError("no connect slot before the deadline")
+        verdict = classify_with(self.classifier, last)
+        if admission is Admission.FAIL_FAST:
+            gate.count_fast_failure()
+            raise gate.unreachable(
+                self.dbapi(),
+                last,
+                verdict.error_type,
+                attempts=backoff.failures,
+                elapsed=backoff.elapsed(now),
+                secrets=self.secrets(),
+            ) from last
+        raise self._give_up(last, verdict, backoff, now) from last
 
     def _attempt(self, record: Any, timer: AttemptTimer) -> Any:
         """One call of the creator, with the attempt's time limit published to the listener,
@@ -199,13 +240,20 @@ class RetryingConnector:
     def _log_attempt(
         self, error: Exception, verdict: Verdict, attempt: int, delay: float, refresh: str | None
     ) -> None:
-        if logger.isEnabledFor(logging.WARNING):
+        gate = self.gate
+        level = logging.WARNING
+        if gate is not None and gate.state == "failing_fast":
+            level = logging.DEBUG  # the gate warned once when failing fast began
+        if logger.isEnabledFor(level):
             then = (
                 f"login refused: asking {refresh} again, retrying at once"
                 if refresh is not None
                 else f"retrying in {delay:.3f}s"
+                if gate is None
+                else f"next probe in {gate.next_probe_in(self.clock()):.3f}s"
             )
-            logger.warning(
+            logger.log(
+                level,
                 "connect attempt %d failed (%s, sqlstate=%s): %s; %s",
                 attempt,
                 type(error).__name__,

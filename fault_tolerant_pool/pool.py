@@ -30,6 +30,7 @@ from .classify import Classifier
 from .connector import RetryingConnector
 from .credentials import CredentialSource
 from .endpoint import connect_arguments, endpoint_of, password_of
+from .errors import too_many_waiting
 from .lifetime import (
     DEFAULT_LIFETIME_JITTER,
     DEFAULT_MAX_IDLE,
@@ -45,6 +46,7 @@ from .policy import (
     DEFAULT_MAX_DELAY,
     RetryPolicy,
 )
+from .probe import Gate, WaitingRoom
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
@@ -65,6 +67,8 @@ class FaultTolerance:
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     secrets: Callable[[], tuple[str, ...]] = field(default=tuple, compare=False)
     """The passwords known to the pool (URL, credentials), scrubbed from every message."""
+    gate: Gate = field(default_factory=lambda: Gate(DEFAULT_DEADLINE), compare=False)
+    """The pool's connect state: the probe, fail-fast, ``max_waiting`` (see :mod:`.probe`)."""
 
     @classmethod
     def from_arguments(
@@ -87,6 +91,8 @@ class FaultTolerance:
         meter_provider: Any = None,
         retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: Any = False,
+        fail_fast: Any = True,
+        max_waiting: Any = None,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
@@ -117,6 +123,13 @@ class FaultTolerance:
             secrets=secrets,
         )
         counters.listener = telemetry
+        gate = Gate(
+            policy.deadline,
+            fail_fast=_boolean("fail_fast", fail_fast),
+            room=WaitingRoom(_max_waiting(max_waiting)),
+        )
+        gate.listener = telemetry
+        telemetry.connect_figures = gate.figures
         return cls(
             policy=policy,
             telemetry=telemetry,
@@ -127,7 +140,21 @@ class FaultTolerance:
             lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
             liveness=LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
             secrets=secrets,
+            gate=gate,
         )
+
+
+def _max_waiting(value: Any) -> int | None:
+    """``max_waiting``: a positive integer, or None / 0 (psycopg_pool's "no limit")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+        return None
+    try:
+        number = int(value) if isinstance(value, str) and not isinstance(value, bool) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ArgumentError(f"max_waiting must be a positive integer or None, got {value!r}")
+    return number or None
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -163,6 +190,8 @@ class _FaultTolerantPool(Pool):
     _fault_tolerance: FaultTolerance
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
+    _waiting_room: WaitingRoom | None = None
+    """The gate's room when ``max_waiting`` is set: slot waiters count too."""
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -174,6 +203,8 @@ class _FaultTolerantPool(Pool):
             **{name: arguments[name] for name in POOL_ARGUMENTS},
         )
         self._telemetry = self._fault_tolerance.telemetry
+        room = self._fault_tolerance.gate.room
+        self._waiting_room = room if room.limit is not None else None
 
     def _install_credentials(self) -> None:
         """Called once SQLAlchemy's ``__init__`` has set the dialect."""
@@ -203,6 +234,7 @@ class _FaultTolerantPool(Pool):
             on_connect=self._connected if self._upkeep is not None else None,
             ping=self._ping_new if ft.ping else None,
             discard=self._discard_new,
+            gate=ft.gate,
         )
 
     def _ping_new(self, dbapi_connection: Any) -> None:
@@ -258,7 +290,8 @@ class _FaultTolerantPool(Pool):
 
     def stats(self) -> PoolStats:
         """A snapshot of what the pool did and holds; see :class:`PoolStats`."""
-        return self._fault_tolerance.counters.snapshot(*self._gauges())
+        ft = self._fault_tolerance
+        return ft.counters.snapshot(*self._gauges(), ft.gate.figures())
 
     def _gauges(self) -> tuple[int, int, int, int]:
         raise NotImplementedError
@@ -297,6 +330,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: bool = False,
+        fail_fast: bool = True,
+        max_waiting: int | None = None,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -312,7 +347,11 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
     def _do_get(self) -> ConnectionPoolEntry:
-        record = super()._do_get()
+        room = self._waiting_room
+        if room is not None and self._would_wait():  # max_waiting: count the queue too
+            record = self._seated_get(room)
+        else:
+            record = super()._do_get()
         upkeep = self._upkeep
         if upkeep is not None:
             if upkeep.idle is not None:
@@ -324,6 +363,15 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                 record._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
                 raise
         return record
+
+    def _seated_get(self, room: WaitingRoom) -> ConnectionPoolEntry:
+        """Wait for a slot as one of at most ``max_waiting`` callers, or fail at once."""
+        if not room.join():
+            raise too_many_waiting(room.limit or 0, "a connection slot")
+        try:
+            return super()._do_get()
+        finally:
+            room.leave()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._telemetry.checked_in(record)
@@ -405,6 +453,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: bool = False,
+        fail_fast: bool = True,
+        max_waiting: int | None = None,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
