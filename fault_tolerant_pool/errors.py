@@ -154,25 +154,35 @@ def exhausted_error(
     return error
 
 
+def unreachable_message(
+    *,
+    since: float,
+    outage_attempts: int,
+    last_error: BaseException,
+    error_type: str,
+    secrets: tuple[str, ...] = (),
+) -> str:
+    """The message of a fail-fast connect (built once per failed probe, not per caller)."""
+    detail = one_line(redact(str(last_error), secrets)) or type(last_error).__name__
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+    return (
+        f"database unreachable since {stamp} ({outage_attempts} failed "
+        f"attempt{'s' if outage_attempts != 1 else ''}): failing fast while a probe retries; "
+        f"last error {type(last_error).__name__} [{error_type}]: {detail}"
+    )
+
+
 def unreachable_error(
     dbapi: Any,
+    message: str,
     *,
     since: float,
     outage_attempts: int,
     attempts: int,
     elapsed: float,
     last_error: BaseException,
-    error_type: str,
-    secrets: tuple[str, ...] = (),
 ) -> DatabaseUnreachable:
     """Build the DBAPI-level ``OperationalError`` of a fail-fast connect."""
-    detail = one_line(redact(str(last_error), secrets)) or type(last_error).__name__
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-    message = (
-        f"database unreachable since {stamp} ({max(time.time() - since, 0.0):.1f}s, "
-        f"{outage_attempts} failed attempt{'s' if outage_attempts != 1 else ''}): failing fast "
-        f"while a probe retries; last error {type(last_error).__name__} [{error_type}]: {detail}"
-    )
     error: DatabaseUnreachable = _subclass_for(_operational(dbapi), DatabaseUnreachable)(message)
     error.attempts = attempts
     error.elapsed = elapsed

@@ -4,7 +4,9 @@ A pool whose server stops answering would otherwise have every caller that needs
 dial and retry on its own (a herd against a server that is coming back, a fleet multiplying it).
 The :class:`Gate` keeps one state per pool:
 
-- ``healthy``: every caller connects at once, as many at a time as need to.
+- ``healthy``: callers connect at once, at most :attr:`ProbeSchedule.healthy_concurrency` at a
+  time (as HikariCP and psycopg_pool grow one connection at a time; a cold start or a mass
+  invalidation makes a few logins at once, not a herd, and an outage meets few attempts).
 - ``failing``: an attempt has failed. One attempt at a time (the probe), paced by
   :class:`ProbeSchedule`; every other caller that needs a connection waits for the probe's
   outcome, within its own deadline.
@@ -38,7 +40,7 @@ from typing import Any, Literal, Protocol
 
 from sqlalchemy.util import await_only
 
-from .errors import DatabaseUnreachable, unreachable_error
+from .errors import DatabaseUnreachable, unreachable_error, unreachable_message
 
 logger = logging.getLogger("fault_tolerant_pool.probe")
 
@@ -71,10 +73,11 @@ class ProbeSchedule:
     (1-5 s) is noticed within about 0.2 s, a long outage within ``last`` (+ jitter).
     """
 
-    first: float = 0.12
-    last: float = 0.75
+    first: float = 0.15
+    last: float = 0.6
     knee: float = 5.0
-    jitter: float = 0.2
+    jitter: float = 0.15
+    healthy_concurrency: int = 4
     recovery_concurrency: int = 2
 
     def pause(self, age: float, draw: float) -> float:
@@ -237,6 +240,7 @@ class Gate:
         self.outages = 0
         self.last_outage: float | None = None
         self.fast_failures = 0
+        self._message: tuple[tuple[Exception, int], str] | None = None
 
     @property
     def state(self) -> State:
@@ -332,16 +336,27 @@ class Gate:
         elapsed: float,
         secrets: tuple[str, ...],
     ) -> DatabaseUnreachable:
-        """The error of a caller refused while failing fast."""
+        """The error of a caller refused while failing fast (its message is built once per
+        failed probe: refusing costs little while callers keep coming)."""
+        key = (last_error, self.outage_attempts)
+        cached = self._message
+        if cached is None or cached[0] != key:
+            message = unreachable_message(
+                since=self._failing_wall,
+                outage_attempts=self.outage_attempts,
+                last_error=last_error,
+                error_type=error_type,
+                secrets=secrets,
+            )
+            self._message = cached = (key, message)
         return unreachable_error(
             dbapi,
+            cached[1],
             since=self._failing_wall,
             outage_attempts=self.outage_attempts,
             attempts=attempts,
             elapsed=elapsed,
             last_error=last_error,
-            error_type=error_type,
-            secrets=secrets,
         )
 
     def count_fast_failure(self) -> None:
@@ -356,7 +371,9 @@ class Gate:
         """(admission, or None to wait; until when to wait at most)."""
         state = self._state
         if state == "healthy":
-            return Admission.GO, now
+            if self._in_flight < self.schedule.healthy_concurrency:
+                return Admission.GO, now
+            return (Admission.EXPIRED, now) if now >= deadline_at else (None, deadline_at)
         if state == "failing" and self.fail_fast and now - self._failing_since >= self.deadline:
             state = self._open(now)
         if state == "failing_fast":
@@ -408,8 +425,6 @@ class Gate:
 
     def _reached(self, now: float) -> None:
         state = self._state
-        if state == "healthy":
-            return
         if state in ("failing", "failing_fast"):
             length = now - self._failing_since
             self.outages += 1
@@ -423,17 +438,19 @@ class Gate:
             if self.listener is not None:
                 self.listener.outage_ended(length)
             self._state = state = "recovering"
-        if not self._waiters and self._in_flight == 0:
+        if state == "recovering" and not self._waiters:
             self._state = "healthy"
             self.last_error = None
-            return
         self._wake_free()
 
     def _wake_free(self) -> None:
         """Wake as many waiters as could be admitted now (all of them when that is unclear)."""
-        if self._state == "recovering":
-            free = self.schedule.recovery_concurrency - self._in_flight
-            for _ in range(min(free, len(self._waiters))):
+        state = self._state
+        if state == "healthy" or state == "recovering":
+            limit = self.schedule.healthy_concurrency
+            if state == "recovering":
+                limit = self.schedule.recovery_concurrency
+            for _ in range(min(limit - self._in_flight, len(self._waiters))):
                 self._waiters.popleft().wake()
         else:
             self._wake_all()
