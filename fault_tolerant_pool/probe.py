@@ -67,15 +67,15 @@ class ProbeSchedule:
     """How often the probe tries while the server is failing, and how recovery ramps up.
 
     The pause between two probes is ``first`` at the start of a failure, grows with the cube of
-    the failure's age over ``knee`` (0.18 s at 2 s, 0.34 s at 3 s, 0.63 s at 4 s) and stays at
-    ``last`` from about 4.3 s on; each pause is shortened or lengthened by up to ``jitter`` of
+    the failure's age over ``knee`` (0.19 s at 2 s, 0.30 s at 3 s, 0.52 s at 4 s) and stays at
+    ``last`` from about 4.2 s on; each pause is shortened or lengthened by up to ``jitter`` of
     itself at random, so the pools of a fleet that failed together drift apart. A restart
     (1-5 s) is noticed within about 0.2 s, a long outage within ``last`` (+ jitter).
     """
 
-    first: float = 0.15
+    first: float = 0.14
     last: float = 0.6
-    knee: float = 5.0
+    knee: float = 5.5
     jitter: float = 0.15
     healthy_concurrency: int = 4
     recovery_concurrency: int = 2
@@ -376,25 +376,26 @@ class Gate:
             return (Admission.EXPIRED, now) if now >= deadline_at else (None, deadline_at)
         if state == "failing" and self.fail_fast and now - self._failing_since >= self.deadline:
             state = self._open(now)
+        if now >= deadline_at:
+            return Admission.EXPIRED, now  # (a caller that waited its whole deadline)
         if state == "failing_fast":
-            if self._in_flight == 0 and now >= self._next_probe_at and now < deadline_at:
+            if self._in_flight == 0 and now >= self._next_probe_at:
                 return Admission.GO, now
             return Admission.FAIL_FAST, now
-        if now >= deadline_at:
-            return Admission.EXPIRED, now
         if state == "recovering":
             if self._in_flight < self.schedule.recovery_concurrency:
                 return Admission.GO, now
             return None, deadline_at
-        # failing: one probe at a time, not before it is due
+        # failing: one probe at a time, not before it is due; wait for its outcome, its next
+        # turn or fail-fast, whichever comes first
+        until = deadline_at
+        if self.fail_fast:
+            until = min(until, self._failing_since + self.deadline)
         if self._in_flight == 0:
             if now >= self._next_probe_at:
                 return Admission.GO, now
-            until = self._next_probe_at
-            if self.fail_fast:
-                until = min(until, self._failing_since + self.deadline)
-            return None, min(deadline_at, until)
-        return None, deadline_at
+            until = min(until, self._next_probe_at)
+        return None, until
 
     def _open(self, now: float) -> State:
         self._state = "failing_fast"
