@@ -233,7 +233,7 @@ def test_a_connection_made_after_retries_is_stamped_when_it_was_made() -> None:
     assert untouched.starttime == 1.0  # no retry: SQLAlchemy's own stamp stands
 
 
-# -- with the pool's gate (fault_tolerant_pool.probe) -----------------------------------------------
+# -- with the pool's gate (fault_tolerant_pool.probe) ------------------------------------------
 
 
 class ClockWaiter:

@@ -61,7 +61,8 @@ class World:
 
     def fail(self, started: float | None = None) -> None:
         now = self.clock.now
-        self.gate.finished(now, ConnectionRefusedError(111, "refused"), now if started is None else started)
+        error = ConnectionRefusedError(111, "refused")
+        self.gate.finished(now, error, now if started is None else started)
 
     def succeed(self) -> None:
         self.gate.finished(self.clock.now, None, self.clock.now)
@@ -173,7 +174,7 @@ def test_recovery_lets_waiters_connect_a_few_at_a_time() -> None:
     assert world.enter() is Admission.GO  # the third went once one of the two ended
     world.succeed()
     world.succeed()
-    assert gate.state == "healthy" and gate.last_error is None
+    assert gate.figures().state == "healthy" and gate.last_error is None
 
 
 def test_a_cancelled_probe_owner_hands_the_probe_on() -> None:
