@@ -83,6 +83,8 @@ class DemoState:
             "attempts": stats.attempts if stats else 0,
             "failures": stats.failed_attempts if stats else 0,
             "give_ups": stats.give_ups if stats else 0,
+            "fast_failures": stats.fast_failures if stats else 0,
+            "connect_state": stats.connect_state if stats else "healthy",
             "ok": requests.ok,
             "unavailable": requests.unavailable,
             "errors": requests.errors,
@@ -117,6 +119,18 @@ class DemoState:
                     "connect_attempts": stats.attempts,
                     "connect_failures": stats.failed_attempts,
                     "give_ups": stats.give_ups,
+                    # the probe (issue 11): one attempt at a time while connects fail, fail-fast
+                    # once they have failed for a whole retry deadline
+                    "connect_state": stats.connect_state,
+                    "unreachable_since": None if stats.unreachable_since is None
+                    else round(stats.unreachable_since, 3),
+                    "outage_attempts": stats.outage_attempts,
+                    "outages": stats.outages,
+                    "last_outage_seconds": None if stats.last_outage is None
+                    else round(stats.last_outage, 2),
+                    "fast_failures": stats.fast_failures,
+                    "waiting": stats.waiting,
+                    "rejected_waiting": stats.rejected_waiting,
                     "last_error": None if last is None else {
                         "class": last.error_class,
                         "sqlstate": last.sqlstate,
