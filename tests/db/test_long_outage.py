@@ -224,14 +224,17 @@ async def test_max_waiting_refuses_a_checkout_at_once(
         pg_server.url(flavour), flavour, poolclass=FaultTolerantQueuePool, pool_size=1,
         max_overflow=0, max_waiting=2, pool_timeout=10,
     )  # fmt: skip
-    held = await asyncio.to_thread(client.engine.connect)
+    if client.async_engine is not None:
+        held: Any = await client.async_engine.connect()
+    else:
+        held = await asyncio.to_thread(client.engine.connect)
     waiting = [asyncio.create_task(client.scalar()) for _ in range(2)]
     await until(lambda: client.stats().waiting == 2)
     started = time.monotonic()
     with pytest.raises(TooManyWaiting, match="max_waiting=2"):
         await client.scalar()
     assert time.monotonic() - started < 0.5
-    await asyncio.to_thread(held.close)
+    await (held.close() if client.async_engine is not None else asyncio.to_thread(held.close))
     assert await asyncio.wait_for(asyncio.gather(*waiting), 10) == [1, 1]
     stats = client.stats()
     assert (stats.waiting, stats.rejected_waiting, stats.checked_out) == (0, 1, 0)
