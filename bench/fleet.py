@@ -440,7 +440,8 @@ def main() -> None:
                 )
                 runs.append(run)
     print_table(runs, args)
-    print_bar(runs, args.deadline or 10.0)
+    if args.processes == 1:  # the bar is one pool's
+        print_bar(runs, args.deadline or 10.0)
     if args.png:
         chart(runs, args.png)
 

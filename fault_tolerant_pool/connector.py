@@ -202,7 +202,8 @@ class RetryingConnector:
                 elapsed=backoff.elapsed(now),
                 secrets=self.secrets(),
             ) from last
-        raise self._give_up(last, verdict, backoff, now) from last
+        failure = self._give_up(last, verdict, backoff, now)  # waited its whole deadline
+        raise failure from (None if failure is last else last)
 
     def _attempt(self, record: Any, timer: AttemptTimer) -> Any:
         """One call of the creator, with the attempt's time limit published to the listener,

@@ -1,7 +1,7 @@
 """The database stays down: one probe per pool, fail fast, recovery (issue 11's bar, shortened).
 
 20 workers loop ``SELECT 1`` through a pool of 5 + 10 with the defaults except a shorter
-``retry_deadline`` (2.5 s instead of 10 s, so fail-fast opens inside a 6 s outage and the test
+``retry_deadline`` (2 s instead of 10 s, so fail-fast opens inside a 5 s outage and the test
 stays short). Every connect goes through a :class:`FaultProxy`, which counts the connections that
 reach the server side, refused ones included. The full bar (15 s outage, default deadline) is
 measured by ``bench/fleet.py --bar``.
@@ -29,7 +29,7 @@ from tests.reliability.harness import Load, Outcome, request, settle
 
 pytestmark = [pytest.mark.anyio, pytest.mark.db]
 
-WORKERS, DEADLINE, DOWN = 20, 2.5, 6.0
+WORKERS, DEADLINE, DOWN = 20, 2.0, 5.0
 
 
 class LightLoad(Load):
@@ -98,9 +98,10 @@ async def test_long_outage_one_probe_fail_fast_recovery(
     )
     print("\n" + report)
     assert state_while_down == "failing_fast", report
-    # The probe is quick in the first seconds of a failure (a restart is noticed within 0.2 s),
-    # then slows to one attempt every 0.75 s: over a 15 s outage that averages about 2.5/s.
-    assert rate <= 5.0 and deep_rate <= 2.0, report
+    # One probe per pool, quick in the first seconds of a failure (a restart is noticed within
+    # 0.2 s), then one attempt every 0.6 s: over a 15 s outage that averages about 2.6/s
+    # (bench/fleet.py --bar); 20 callers retrying on their own made about 66/s.
+    assert rate <= 6.0 and deep_rate <= 3.0, report
     assert max(durations) <= DEADLINE + 1.0, report
     assert deep and statistics.median(o.duration for o in deep) <= 0.1, report
     assert all(o.error is True for o in deep), report  # type: ignore[comparison-overlap]
@@ -112,7 +113,7 @@ async def test_long_outage_one_probe_fail_fast_recovery(
     await client.dispose()
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", ["asyncpg", "psycopg"])
 async def test_fail_fast_off_waits_the_deadline_and_probes_once(
     pg_server: PostgresServer, proxy: FaultProxy, flavour: str
 ) -> None:
@@ -124,7 +125,7 @@ async def test_fail_fast_off_waits_the_deadline_and_probes_once(
     before = proxy.connections_accepted
     started = time.monotonic()
     async with Load(client, WORKERS) as load:
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(2.5)
     elapsed = time.monotonic() - started
     failed = load.select("checkout")
     print(f"\n{flavour}: {proxy.connections_accepted - before} connects in {elapsed:.1f}s, "
