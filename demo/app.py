@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fault_tolerant_pool import ConnectRetriesExhausted, PoolStats
+from fault_tolerant_pool import ConnectRetriesExhausted, DatabaseUnreachable, PoolStats
 
 from . import db
 from .embedded import EmbeddedDatabase
@@ -177,6 +177,17 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
     the reason is built from structured fields only.
     """
     orig = getattr(exc, "orig", None)
+    if isinstance(orig, DatabaseUnreachable):
+        return {
+            "error": "database unavailable",
+            "reason": "database_unreachable",
+            "detail": (
+                f"failing fast: unreachable for {max(time.time() - orig.unreachable_since, 0):.0f}s"
+                f" ({orig.outage_attempts} failed attempts); a probe retries"
+            ),
+            "error_class": type(orig.last_error).__name__,
+            "sqlstate": _sqlstate(orig) or _sqlstate(orig.last_error),
+        }
     if isinstance(orig, ConnectRetriesExhausted):
         last = orig.last_error
         return {

@@ -311,9 +311,6 @@ class Gate:
         """``time.time()`` of the start of the failure, or None while connects succeed."""
         return None if self._state in ("healthy", "recovering") else self._failing_wall
 
-    def failing_for(self, now: float) -> float:
-        return now - self._failing_since
-
     def figures(self) -> GateFigures:
         return GateFigures(
             state=self._state,
