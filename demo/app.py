@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fault_tolerant_pool import ConnectRetriesExhausted, PoolStats
+from fault_tolerant_pool import ConnectRetriesExhausted, DatabaseUnreachable, PoolStats
 
 from . import db
 from .embedded import EmbeddedDatabase
@@ -89,6 +89,8 @@ class DemoState:
             "attempts": stats.attempts if stats else 0,
             "failures": stats.failed_attempts if stats else 0,
             "give_ups": stats.give_ups if stats else 0,
+            "fast_failures": stats.fast_failures if stats else 0,
+            "connect_state": stats.connect_state if stats else "healthy",
             "ok": requests.ok,
             "unavailable": requests.unavailable,
             "errors": requests.errors,
@@ -123,6 +125,18 @@ class DemoState:
                     "connect_attempts": stats.attempts,
                     "connect_failures": stats.failed_attempts,
                     "give_ups": stats.give_ups,
+                    # the probe (issue 11): one attempt at a time while connects fail, fail-fast
+                    # once they have failed for a whole retry deadline
+                    "connect_state": stats.connect_state,
+                    "unreachable_since": None if stats.unreachable_since is None
+                    else round(stats.unreachable_since, 3),
+                    "outage_attempts": stats.outage_attempts,
+                    "outages": stats.outages,
+                    "last_outage_seconds": None if stats.last_outage is None
+                    else round(stats.last_outage, 2),
+                    "fast_failures": stats.fast_failures,
+                    "waiting": stats.waiting,
+                    "rejected_waiting": stats.rejected_waiting,
                     "last_error": None if last is None else {
                         "class": last.error_class,
                         "sqlstate": last.sqlstate,
@@ -193,6 +207,17 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
     the reason is built from structured fields only.
     """
     orig = getattr(exc, "orig", None)
+    if isinstance(orig, DatabaseUnreachable):
+        return {
+            "error": "database unavailable",
+            "reason": "database_unreachable",
+            "detail": (
+                f"failing fast: unreachable for {max(time.time() - orig.unreachable_since, 0):.0f}s"
+                f" ({orig.outage_attempts} failed attempts); a probe retries"
+            ),
+            "error_class": type(orig.last_error).__name__,
+            "sqlstate": _sqlstate(orig) or _sqlstate(orig.last_error),
+        }
     if isinstance(orig, ConnectRetriesExhausted):
         last = orig.last_error
         return {

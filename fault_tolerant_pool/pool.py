@@ -34,6 +34,7 @@ from .credentials import CredentialSource
 from .demotion import DemotionWatch
 from .doubt import Doubt, ping_mode
 from .endpoint import connect_arguments, endpoint_of, password_of
+from .errors import too_many_waiting
 from .hosts import HostRotation, wants_writer
 from .lifetime import (
     DEFAULT_LIFETIME_JITTER,
@@ -51,6 +52,7 @@ from .policy import (
     RetryPolicy,
     _optional_seconds,
 )
+from .probe import Gate, WaitingRoom
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
@@ -95,6 +97,8 @@ class FaultTolerance:
             demotion.handle_error(context)
         if context.is_disconnect or classify(context.original_exception).transient:
             self.doubt.raised()
+    gate: Gate = field(default_factory=lambda: Gate(DEFAULT_DEADLINE), compare=False)
+    """The pool's connect state: the probe, fail-fast, ``max_waiting`` (see :mod:`.probe`)."""
 
     @classmethod
     def from_arguments(
@@ -119,6 +123,8 @@ class FaultTolerance:
         retry_ping: Any = "auto",
         demotion_check: Any = True,
         ping_timeout: Any = DEFAULT_PING_TIMEOUT,
+        fail_fast: Any = True,
+        max_waiting: Any = None,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
@@ -155,6 +161,13 @@ class FaultTolerance:
             if _boolean("demotion_check", demotion_check)
             else None
         )
+        gate = Gate(
+            policy.deadline,
+            fail_fast=_boolean("fail_fast", fail_fast),
+            room=WaitingRoom(_max_waiting(max_waiting)),
+        )
+        gate.listener = telemetry
+        telemetry.connect_figures = gate.figures
         return cls(
             policy=policy,
             telemetry=telemetry,
@@ -169,7 +182,21 @@ class FaultTolerance:
             lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
             liveness=LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
             secrets=secrets,
+            gate=gate,
         )
+
+
+def _max_waiting(value: Any) -> int | None:
+    """``max_waiting``: a positive integer, or None / 0 (psycopg_pool's "no limit")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+        return None
+    try:
+        number = int(value) if isinstance(value, str) and not isinstance(value, bool) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ArgumentError(f"max_waiting must be a positive integer or None, got {value!r}")
+    return number or None
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -208,6 +235,8 @@ class _FaultTolerantPool(Pool):
     _keeps_connections = True
     """Whether connections outlive a checkout (a demoted server's connections are worth
     replacing only then)."""
+    _waiting_room: WaitingRoom | None = None
+    """The gate's room when ``max_waiting`` is set: slot waiters count too."""
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -219,6 +248,8 @@ class _FaultTolerantPool(Pool):
             **{name: arguments[name] for name in POOL_ARGUMENTS},
         )
         self._telemetry = self._fault_tolerance.telemetry
+        room = self._fault_tolerance.gate.room
+        self._waiting_room = room if room.limit is not None else None
 
     def _install_credentials(self) -> None:
         """Called once SQLAlchemy's ``__init__`` has set the dialect."""
@@ -253,6 +284,7 @@ class _FaultTolerantPool(Pool):
             discard=self._discard_new,
             hosts=ft.hosts,
             wants_writer=ft.wants_writer,
+            gate=ft.gate,
         )
 
     def _ping_new(self, dbapi_connection: Any) -> None:
@@ -334,7 +366,8 @@ class _FaultTolerantPool(Pool):
 
     def stats(self) -> PoolStats:
         """A snapshot of what the pool did and holds; see :class:`PoolStats`."""
-        return self._fault_tolerance.counters.snapshot(*self._gauges())
+        ft = self._fault_tolerance
+        return ft.counters.snapshot(*self._gauges(), ft.gate.figures())
 
     def _gauges(self) -> tuple[int, int, int, int]:
         raise NotImplementedError
@@ -375,6 +408,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         retry_ping: bool | str = "auto",
         demotion_check: bool = True,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        fail_fast: bool = True,
+        max_waiting: int | None = None,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -391,7 +426,11 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
     def _do_get(self) -> ConnectionPoolEntry:
-        record = super()._do_get()
+        room = self._waiting_room
+        if room is not None and self._would_wait():  # max_waiting: count the queue too
+            record = self._seated_get(room)
+        else:
+            record = super()._do_get()
         upkeep = self._upkeep
         if upkeep is not None:
             if upkeep.idle is not None:
@@ -403,6 +442,15 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                 record._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
                 raise
         return record
+
+    def _seated_get(self, room: WaitingRoom) -> ConnectionPoolEntry:
+        """Wait for a slot as one of at most ``max_waiting`` callers, or fail at once."""
+        if not room.join():
+            raise too_many_waiting(room.limit or 0, "a connection slot")
+        try:
+            return super()._do_get()
+        finally:
+            room.leave()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._telemetry.checked_in(record)
@@ -486,6 +534,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         retry_ping: bool | str = "auto",
         demotion_check: bool = True,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        fail_fast: bool = True,
+        max_waiting: int | None = None,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .probe import GateFigures
 
 #: Why a pooled connection was closed by the pool before its time: see ``PoolStats.retired_*``.
 Retirement = Literal["lifetime", "idle", "liveness"]
@@ -62,6 +65,24 @@ class PoolStats:
     each one invalidated the pool (see the README's Failover section)."""
     ping_timeouts: int = 0
     """Pings that got no answer within ``ping_timeout``: their connection was cut."""
+    connect_state: str = "healthy"
+    """``healthy``, ``failing`` (one probe at a time, callers wait for it), ``failing_fast``
+    (unreachable for a whole ``retry_deadline``: new connections fail at once) or
+    ``recovering`` (a probe succeeded; waiting callers connect a few at a time)."""
+    unreachable_since: float | None = None
+    """``time.time()`` when connecting began to fail, while it fails; else None."""
+    outage_attempts: int = 0
+    """Failed attempts of the current (or latest) failure."""
+    outages: int = 0
+    """Failures that ended (a connect succeeded again after failed attempts)."""
+    last_outage: float | None = None
+    """Seconds the latest ended failure lasted."""
+    fast_failures: int = 0
+    """Connects refused at once while failing fast."""
+    waiting: int = 0
+    """Callers waiting right now for the probe (and, with ``max_waiting``, for a slot)."""
+    rejected_waiting: int = 0
+    """Checkouts refused at once because ``max_waiting`` callers were already waiting."""
 
 
 class CounterListener(Protocol):
@@ -143,8 +164,15 @@ class ConnectCounters:
         if self.listener is not None:
             self.listener.retired(reason)
 
-    def snapshot(self, size: int, checked_in: int, checked_out: int, overflow: int) -> PoolStats:
-        return PoolStats(
+    def snapshot(
+        self,
+        size: int,
+        checked_in: int,
+        checked_out: int,
+        overflow: int,
+        gate: GateFigures | None = None,
+    ) -> PoolStats:
+        stats = PoolStats(
             connects=self.connects,
             attempts=self.attempts,
             failed_attempts=self.failed_attempts,
@@ -161,4 +189,17 @@ class ConnectCounters:
             retired_liveness=self.retired["liveness"],
             demotions=self.demotions,
             ping_timeouts=self.ping_timeouts,
+        )
+        if gate is None:
+            return stats
+        return replace(
+            stats,
+            connect_state=gate.state,
+            unreachable_since=gate.unreachable_since,
+            outage_attempts=gate.outage_attempts,
+            outages=gate.outages,
+            last_outage=gate.last_outage,
+            fast_failures=gate.fast_failures,
+            waiting=gate.waiting,
+            rejected_waiting=gate.rejected,
         )
