@@ -17,7 +17,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import event
@@ -540,6 +540,9 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         **kw: Any,
     ) -> None:
         self._init_fault_tolerance(locals(), kw)
+        if _fault_tolerance is None:  # every checkout is a connect: capping them caps the app
+            gate = self._fault_tolerance.gate
+            gate.schedule = replace(gate.schedule, healthy_concurrency=None)
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
         NullPool.__init__(self, creator, **kw)

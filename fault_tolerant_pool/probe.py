@@ -77,7 +77,8 @@ class ProbeSchedule:
     last: float = 0.6
     knee: float = 5.5
     jitter: float = 0.15
-    healthy_concurrency: int = 4
+    healthy_concurrency: int | None = 4
+    """None: no limit (``FaultTolerantNullPool``, where every checkout is a connect)."""
     recovery_concurrency: int = 2
 
     def pause(self, age: float, draw: float) -> float:
@@ -368,7 +369,8 @@ class Gate:
         """(admission, or None to wait; until when to wait at most)."""
         state = self._state
         if state == "healthy":
-            if self._in_flight < self.schedule.healthy_concurrency:
+            cap = self.schedule.healthy_concurrency
+            if cap is None or self._in_flight < cap:
                 return Admission.GO, now
             return (Admission.EXPIRED, now) if now >= deadline_at else (None, deadline_at)
         if state == "failing" and self.fail_fast and now - self._failing_since >= self.deadline:
@@ -448,7 +450,8 @@ class Gate:
             limit = self.schedule.healthy_concurrency
             if state == "recovering":
                 limit = self.schedule.recovery_concurrency
-            for _ in range(min(limit - self._in_flight, len(self._waiters))):
+            free = len(self._waiters) if limit is None else limit - self._in_flight
+            for _ in range(min(free, len(self._waiters))):
                 self._waiters.popleft().wake()
         else:
             self._wake_all()
