@@ -76,6 +76,17 @@ def _subclass_for(operational_error: type[BaseException]) -> type[ConnectRetries
         return cls
 
 
+def _base_for(dbapi: Any) -> type[BaseException]:
+    """The DBAPI class the give-up error derives from, so SQLAlchemy wraps it as it would the
+    driver's own error: ``OperationalError``, else (a DBAPI without that class) ``Error``
+    (wrapped as ``DBAPIError``); ``OSError`` only without any DBAPI error class."""
+    for name in ("OperationalError", "Error"):
+        candidate = getattr(dbapi, name, None)
+        if isinstance(candidate, type) and issubclass(candidate, BaseException):
+            return candidate
+    return OSError
+
+
 def exhausted_error(
     dbapi: Any,
     *,
@@ -94,9 +105,7 @@ def exhausted_error(
         f"in {elapsed:.2f}s ({why}); last error {type(last_error).__name__} "
         f"[{error_type}]: {detail}"
     )
-    operational = getattr(dbapi, "OperationalError", None)
-    base = operational if isinstance(operational, type) else OSError
-    error = _subclass_for(base)(message)
+    error = _subclass_for(_base_for(dbapi))(message)
     error.attempts = attempts
     error.elapsed = elapsed
     error.last_error = last_error

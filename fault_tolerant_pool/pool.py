@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +150,12 @@ POOL_ARGUMENTS: tuple[str, ...] = tuple(
 )[2:]
 
 
+def _stock_logger_name(stock: type[Pool]) -> str:
+    """The logger name SQLAlchemy gives a stock pool class (``sqlalchemy.pool.impl.QueuePool``):
+    a pool logs where ``logging.getLogger("sqlalchemy.pool")`` and ``echo_pool`` look."""
+    return f"{stock.__module__}.{stock.__name__}"
+
+
 def _async_sleep(seconds: float) -> None:
     """Sleep inside SQLAlchemy's greenlet bridge: yields to the event loop, cancellable."""
     await_only(asyncio.sleep(seconds))
@@ -273,6 +278,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
     (lifetime, idle); see :mod:`fault_tolerant_pool.upkeep`.
     """
 
+    _sqla_logger_namespace = _stock_logger_name(QueuePool)
+
     def __new__(cls, *args: Any, **kw: Any) -> FaultTolerantQueuePool:
         if cls is FaultTolerantQueuePool and getattr(kw.get("dialect"), "is_async", False):
             cls = FaultTolerantAsyncQueuePool
@@ -376,6 +383,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
 class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool):
     """The asyncio flavour (asyncio queue); chosen for you by :class:`FaultTolerantQueuePool`."""
 
+    _sqla_logger_namespace = _stock_logger_name(AsyncAdaptedQueuePool)
+
 
 class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
     """SQLAlchemy's ``NullPool`` (a new connection per checkout) with every connect retried.
@@ -385,6 +394,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
     liveness check are accepted and have nothing to do: every connection is new at checkout and
     closed at checkin.
     """
+
+    _sqla_logger_namespace = _stock_logger_name(NullPool)
 
     def __init__(
         self,
@@ -409,8 +420,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         **kw: Any,
     ) -> None:
         self._init_fault_tolerance(locals(), kw)
-        self._checked_out = 0
-        self._checked_out_lock = threading.Lock()
+        self._lent: set[ConnectionPoolEntry] = set()  # atomic add/discard: no lock to recreate
         NullPool.__init__(self, creator, **kw)
         self._telemetry.bind(self)
         self._install_credentials()
@@ -418,14 +428,12 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)
-        with self._checked_out_lock:
-            self._checked_out += 1
+        self._lent.add(record)
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._telemetry.checked_in(record)
-        with self._checked_out_lock:
-            self._checked_out -= 1
+        self._lent.discard(record)
         NullPool._do_return_conn(self, record)
 
     def recreate(self) -> FaultTolerantNullPool:
@@ -443,7 +451,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         )
 
     def _gauges(self) -> tuple[int, int, int, int]:
-        return 0, 0, self._checked_out, 0
+        return 0, 0, len(self._lent), 0
 
     def _limits(self) -> tuple[int | None, int | None]:
         return None, 0  # no limit on open connections; none is ever kept idle

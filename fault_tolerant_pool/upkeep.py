@@ -82,11 +82,14 @@ class Upkeep:
         )
 
     def checkout(self, record: Any, dialect: Any) -> None:
-        """Before lending ``record``'s connection: retire it if expired, replace it if dead."""
+        """Before lending ``record``'s connection: retire it if expired, replace it if dead.
+
+        A connection made for this checkout (SQLAlchemy's ``record.fresh``) is lent as it is.
+        """
         life: ConnectionLife | None = record.__dict__.get(_LIFE)
         connection = record.dbapi_connection
-        if life is None or connection is None:
-            return
+        if life is None or connection is None or record.fresh:
+            return  # fresh: made for this very checkout (pool_pre_ping skips it too)
         now = self.clock()
         if now >= life.deadline:
             self._retire(record, "lifetime")
@@ -137,8 +140,7 @@ class Upkeep:
 
 
 def _answers_ping(dialect: Any, connection: Any) -> bool:
-    """A real round trip, as ``pool_pre_ping`` makes it; any error means "dead"."""
-    try:
-        return bool(dialect._do_ping_w_event(connection))
-    except Exception:
-        return False
+    """A real round trip, judged as ``pool_pre_ping`` judges it: False for a disconnect (by
+    the dialect's ``is_disconnect`` and any ``handle_error`` listener's verdict); any other
+    error is raised to the caller, and the pool gives the slot back, as SQLAlchemy does."""
+    return bool(dialect._do_ping_w_event(connection))

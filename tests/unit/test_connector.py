@@ -230,3 +230,42 @@ def test_a_connection_made_after_retries_is_stamped_when_it_was_made() -> None:
     untouched = types.SimpleNamespace(starttime=1.0)
     assert make(flaky([], clock), clock, counters)(untouched) == "connection"
     assert untouched.starttime == 1.0  # no retry: SQLAlchemy's own stamp stands
+
+
+class DBAPIWithoutOperationalError(types.SimpleNamespace):
+    """A DBAPI module whose ``OperationalError`` is not a class (a stand-in, as in SQLAlchemy's
+    own pool tests), but whose ``Error`` is."""
+
+    class Error(Exception):
+        pass
+
+    OperationalError = object()
+
+
+@pytest.mark.parametrize(
+    ("dbapi", "base"),
+    [
+        (FakeDBAPI, FakeDBAPI.OperationalError),
+        (DBAPIWithoutOperationalError, DBAPIWithoutOperationalError.Error),
+        (types.SimpleNamespace(), OSError),
+    ],
+)
+def test_the_give_up_derives_from_the_dbapis_operational_error_else_its_error(
+    dbapi: Any, base: type[BaseException]
+) -> None:
+    """SQLAlchemy wraps a DBAPI ``Error`` (as ``DBAPIError``) the way it wraps the driver's own
+    error: the give-up must stay inside that hierarchy whenever the DBAPI has one."""
+    clock, counters = Clock(), ConnectCounters()
+    connect = RetryingConnector(
+        flaky([refused() for _ in range(100)], clock),
+        RetryPolicy(deadline=0.2),
+        counters,
+        sleep=clock.sleep,
+        dbapi=lambda: dbapi,
+        clock=clock,
+        random=lambda: 0.5,
+    )
+    with pytest.raises(ConnectRetriesExhausted) as info:
+        connect(None)
+    assert type(info.value).__mro__[2] is base
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)

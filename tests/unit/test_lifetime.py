@@ -152,6 +152,7 @@ class Record:
 
     def __init__(self) -> None:
         self.dbapi_connection: Any = object()
+        self.fresh = False  # SQLAlchemy's: True until the first checkout of a new connection
         self.closed = 0
         self.invalidated: list[BaseException | None] = []
 
@@ -285,9 +286,29 @@ def test_ping_only_after_the_idle_threshold() -> None:
     assert len(record.invalidated) == 1 and counters.retired["liveness"] == 1
     record3 = connected(keeper, Probe())
     clock.now += 2.0
-    dialect.answer = RuntimeError("SSL SYSCALL error: EOF detected")
-    keeper.checkout(record3, dialect)  # any error from the ping: dead
-    assert len(record3.invalidated) == 1
+    # The dialect judges a failed ping as pre-ping does: False is a disconnect (its
+    # is_disconnect, or a handle_error listener, said so); an error it raises is not one, and
+    # reaches the caller (the pool then gives the slot back), the connection is not "dead".
+    dialect.answer = RuntimeError("not a disconnect, said handle_error")
+    with pytest.raises(RuntimeError, match="not a disconnect"):
+        keeper.checkout(record3, dialect)
+    assert record3.invalidated == [] and counters.retired["liveness"] == 1
+
+
+def test_a_connection_made_for_this_checkout_is_not_checked() -> None:
+    clock = Clock()
+    keeper, _ = upkeep(clock, ping_after=0.0)
+    dialect, probe = Dialect(), Probe()
+    record = connected(keeper, probe)
+    record.fresh = True
+    clock.now += 0.5
+    keeper.checkout(record, dialect)
+    assert dialect.pings == 0 and probe.looks == 0
+    record.fresh = False  # lent once: from now on every checkout pings (ping_after=0)
+    keeper.checkin(record, 0)
+    clock.now += 0.001
+    keeper.checkout(record, dialect)
+    assert dialect.pings == 1 and probe.looks == 1 and record.invalidated == []
 
 
 def test_no_ping_when_disabled() -> None:
