@@ -333,7 +333,9 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        self._telemetry.checked_in(record)
+        telemetry = self._telemetry
+        if telemetry._measuring:  # never measured before: no checkout of it was measured
+            telemetry.checked_in(record)
         upkeep = self._upkeep
         if upkeep is not None:
             idle = self._pool.qsize() if upkeep.idle is not None else 0
@@ -432,7 +434,9 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        self._telemetry.checked_in(record)
+        telemetry = self._telemetry
+        if telemetry._measuring:
+            telemetry.checked_in(record)
         self._lent.discard(record)
         NullPool._do_return_conn(self, record)
 

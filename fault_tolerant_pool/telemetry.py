@@ -419,6 +419,10 @@ class PoolTelemetry:
         self._measuring = any(
             p is not None and not _is_noop(p) for p in (tracer_provider, meter_provider)
         )
+        # Whether the checkout histograms are kept: spans alone (an SDK tracer provider, no
+        # meter provider) queue no values for the API's no-op histograms.
+        self._metering = meter_provider is not None and not _is_noop(meter_provider)
+        self._global_meter = meter_provider is None
         self._pool: Callable[[], PoolGauges | None] = lambda: None
         self._pending: set[Checkout] = set()  # add and discard are atomic: no lock
         self._error_attributes: dict[str, Mapping[str, str]] = {}
@@ -480,10 +484,18 @@ class PoolTelemetry:
         """
         if self._measuring:
             return True
-        if _sdk_installed_globally():
+        if not _GLOBALS_FOUND or (  # _sdk_installed_globally(), inlined: every checkout asks
+            _trace_api._TRACER_PROVIDER is not None or _metrics_api._METER_PROVIDER is not None
+        ):
             self._measuring = True
             return True
         return False
+
+    def _values_kept(self) -> bool:
+        """Whether a meter provider keeps the histogram values (once seen, it stays seen)."""
+        if self._global_meter and (not _GLOBALS_FOUND or _metrics_api._METER_PROVIDER is not None):
+            self._metering = True
+        return self._metering
 
     @property
     def pending(self) -> int:
@@ -505,10 +517,12 @@ class PoolTelemetry:
         self._pending.discard(checkout)
         checkout.leave()
         waited = now - checkout.started
-        self._instruments.deferred.record(self._instruments.wait_time, waited, self.attributes)
-        record = connection._connection_record
-        if record is not None:
-            record.__dict__[_CHECKED_OUT_AT] = now
+        if self._metering or self._values_kept():
+            instruments = self._instruments
+            instruments.deferred.record(instruments.wait_time, waited, self.attributes)
+            record = connection._connection_record
+            if record is not None:
+                record.__dict__[_CHECKED_OUT_AT] = now
         if checkout.span is not None or (
             checkout.waits
             and waited >= CHECKOUT_SPAN_MIN_WAIT

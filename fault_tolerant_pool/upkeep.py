@@ -33,14 +33,16 @@ _LIFE = "_fault_tolerant_pool_life"
 
 
 class ConnectionLife:
-    """Per physical connection: its retirement deadline, when it was last returned, its probe."""
+    """Per physical connection: its retirement deadline, when it was last returned, its probe,
+    and whether it is fresh (not returned yet: made for the checkout that lends it)."""
 
-    __slots__ = ("deadline", "last_used", "probe")
+    __slots__ = ("deadline", "fresh", "last_used", "probe")
 
     def __init__(self, deadline: float, last_used: float, probe: Probe | None) -> None:
         self.deadline = deadline
         self.last_used = last_used
         self.probe = probe
+        self.fresh = True
 
 
 def life_of(record: Any) -> ConnectionLife | None:
@@ -84,16 +86,18 @@ class Upkeep:
     def checkout(self, record: Any, dialect: Any) -> None:
         """Before lending ``record``'s connection: retire it if expired, replace it if dead.
 
-        A connection made for this checkout (SQLAlchemy's ``record.fresh``) is lent as it is.
+        A connection made for this very checkout (fresh) is not probed or pinged.
         """
         life: ConnectionLife | None = record.__dict__.get(_LIFE)
         connection = record.dbapi_connection
-        if life is None or connection is None or record.fresh:
-            return  # fresh: made for this very checkout (pool_pre_ping skips it too)
+        if life is None or connection is None:
+            return
         now = self.clock()
         if now >= life.deadline:
             self._retire(record, "lifetime")
             return
+        if life.fresh:
+            return  # made for this very checkout: no probe, no ping (pool_pre_ping skips it too)
         probe = life.probe
         if probe is not None and probe.dead():
             self._replace(record, "closed by the server, or it sent an error, while idle")
@@ -121,6 +125,7 @@ class Upkeep:
             reason = "idle"
         else:
             life.last_used = now
+            life.fresh = False
             return KEEP
         self.counters.retire(reason)
         if logger.isEnabledFor(logging.DEBUG):

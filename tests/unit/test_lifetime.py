@@ -152,7 +152,6 @@ class Record:
 
     def __init__(self) -> None:
         self.dbapi_connection: Any = object()
-        self.fresh = False  # SQLAlchemy's: True until the first checkout of a new connection
         self.closed = 0
         self.invalidated: list[BaseException | None] = []
 
@@ -211,6 +210,7 @@ def connected(keeper: Upkeep, probe: Probe | None = None) -> Record:
     life = life_of(record)
     assert life is not None
     life.probe = probe
+    life.fresh = False  # as if lent once and returned (tests of fresh connections set it)
     return record
 
 
@@ -300,12 +300,14 @@ def test_a_connection_made_for_this_checkout_is_not_checked() -> None:
     keeper, _ = upkeep(clock, ping_after=0.0)
     dialect, probe = Dialect(), Probe()
     record = connected(keeper, probe)
-    record.fresh = True
+    life = life_of(record)
+    assert life is not None
+    life.fresh = True  # just made: the checkout that made it lends it
     clock.now += 0.5
     keeper.checkout(record, dialect)
     assert dialect.pings == 0 and probe.looks == 0
-    record.fresh = False  # lent once: from now on every checkout pings (ping_after=0)
-    keeper.checkin(record, 0)
+    keeper.checkin(record, 0)  # returned: from now on every checkout pings (ping_after=0)
+    assert not life.fresh
     clock.now += 0.001
     keeper.checkout(record, dialect)
     assert dialect.pings == 1 and probe.looks == 1 and record.invalidated == []
