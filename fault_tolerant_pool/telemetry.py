@@ -426,6 +426,10 @@ class PoolTelemetry:
         self._pool: Callable[[], PoolGauges | None] = lambda: None
         self._pending: set[Checkout] = set()  # add and discard are atomic: no lock
         self._error_attributes: dict[str, Mapping[str, str]] = {}
+        self._retirement_attributes: dict[str, Mapping[str, str]] = {
+            reason: {POOL_NAME: self.pool_name, RETIREMENT_REASON: reason}
+            for reason in RETIREMENT_REASONS
+        }  # built once, as every attribute mapping of the pool
         self._instruments.pools.add(self)
 
     @classmethod
@@ -590,11 +594,10 @@ class PoolTelemetry:
 
     def retired(self, reason: str) -> None:
         """Count a connection the pool closed: ``reason`` is lifetime, idle or liveness."""
-        if reason not in RETIREMENT_REASONS:
+        attributes = self._retirement_attributes.get(reason)
+        if attributes is None:
             raise ValueError(f"retirement reason must be one of {RETIREMENT_REASONS}: {reason!r}")
-        self._instruments.retirements.add(
-            1, {POOL_NAME: self.pool_name, RETIREMENT_REASON: reason}
-        )
+        self._instruments.retirements.add(1, attributes)
 
 
 class ConnectTrace:

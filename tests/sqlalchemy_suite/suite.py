@@ -8,8 +8,8 @@ pytest process of their own, with ``sqla_conftest.py`` as their conftest. The ou
 exactly :data:`expected_failures.EXPECTED`: an unexpected failure fails the run, and so does an
 expected failure that passes (strict xfail) or that no longer exists.
 
-By hand: ``.venv/bin/python -m tests.sqlalchemy_suite.suite [defaults|ping_every_checkout]
-[pytest args]``.
+By hand: ``.venv/bin/python -m tests.sqlalchemy_suite.suite [MODE] [pytest args]`` (modes:
+:data:`expected_failures.MODES`; ``FTP_SQLA_STOCK=1`` runs SQLAlchemy's own classes instead).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def run(mode: str, *pytest_args: str, version: str = sqlalchemy.__version__) -> 
         "FTP_SQLA_EXPECTED_FAILURES": json.dumps(expected),
     }
     command = [
-        sys.executable, "-m", "pytest", *MODES[mode].paths,
+        sys.executable, "-m", "pytest", *MODES[mode].paths, *MODES[mode].pytest_args,
         "-p", "no:fault_tolerant_pool",  # this project's plugin (database fixtures): not needed
         "-p", "no:cacheprovider", "-p", "no:randomly", "-q", "--tb=short", "-rfEX",
         "-o", "console_output_style=classic", *pytest_args,
