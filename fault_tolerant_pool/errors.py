@@ -112,9 +112,15 @@ def _subclass_for(
         return cls
 
 
-def _operational(dbapi: Any) -> type[BaseException]:
-    operational = getattr(dbapi, "OperationalError", None)
-    return operational if isinstance(operational, type) else OSError
+def _base_for(dbapi: Any) -> type[BaseException]:
+    """The DBAPI class the give-up error derives from, so SQLAlchemy wraps it as it would the
+    driver's own error: ``OperationalError``, else (a DBAPI without that class) ``Error``
+    (wrapped as ``DBAPIError``); ``OSError`` only without any DBAPI error class."""
+    for name in ("OperationalError", "Error"):
+        candidate = getattr(dbapi, name, None)
+        if isinstance(candidate, type) and issubclass(candidate, BaseException):
+            return candidate
+    return OSError
 
 
 def _copy_sqlstate(error: BaseException, last_error: BaseException) -> None:
@@ -123,6 +129,9 @@ def _copy_sqlstate(error: BaseException, last_error: BaseException) -> None:
         for attr in ("sqlstate", "pgcode"):
             with contextlib.suppress(AttributeError):  # read-only on some drivers' errors
                 setattr(error, attr, sqlstate)
+
+
+_operational = _base_for
 
 
 def exhausted_error(

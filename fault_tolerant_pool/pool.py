@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -220,6 +219,12 @@ POOL_ARGUMENTS: tuple[str, ...] = tuple(
 )[2:]
 
 
+def _stock_logger_name(stock: type[Pool]) -> str:
+    """The logger name SQLAlchemy gives a stock pool class (``sqlalchemy.pool.impl.QueuePool``):
+    a pool logs where ``logging.getLogger("sqlalchemy.pool")`` and ``echo_pool`` look."""
+    return f"{stock.__module__}.{stock.__name__}"
+
+
 def _async_sleep(seconds: float) -> None:
     """Sleep inside SQLAlchemy's greenlet bridge: yields to the event loop, cancellable."""
     await_only(asyncio.sleep(seconds))
@@ -382,6 +387,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
     (lifetime, idle); see :mod:`fault_tolerant_pool.upkeep`.
     """
 
+    _sqla_logger_namespace = _stock_logger_name(QueuePool)
+
     def __new__(cls, *args: Any, **kw: Any) -> FaultTolerantQueuePool:
         if cls is FaultTolerantQueuePool and getattr(kw.get("dialect"), "is_async", False):
             cls = FaultTolerantAsyncQueuePool
@@ -453,7 +460,9 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             room.leave()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        self._telemetry.checked_in(record)
+        telemetry = self._telemetry
+        if telemetry._measuring:  # never measured before: no checkout of it was measured
+            telemetry.checked_in(record)
         upkeep = self._upkeep
         if upkeep is not None:
             idle = self._pool.qsize() if upkeep.idle is not None else 0
@@ -503,6 +512,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
 class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool):
     """The asyncio flavour (asyncio queue); chosen for you by :class:`FaultTolerantQueuePool`."""
 
+    _sqla_logger_namespace = _stock_logger_name(AsyncAdaptedQueuePool)
+
 
 class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
     """SQLAlchemy's ``NullPool`` (a new connection per checkout) with every connect retried.
@@ -512,6 +523,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
     liveness check are accepted and have nothing to do: every connection is new at checkout and
     closed at checkin.
     """
+
+    _sqla_logger_namespace = _stock_logger_name(NullPool)
 
     def __init__(
         self,
@@ -543,8 +556,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         if _fault_tolerance is None:  # every checkout is a connect: capping them caps the app
             gate = self._fault_tolerance.gate
             gate.schedule = replace(gate.schedule, healthy_concurrency=None)
-        self._checked_out = 0
-        self._checked_out_lock = threading.Lock()
+        self._lent: set[ConnectionPoolEntry] = set()  # atomic add/discard: no lock to recreate
         NullPool.__init__(self, creator, **kw)
         self._telemetry.bind(self)
         self._install_credentials()
@@ -555,14 +567,14 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)
-        with self._checked_out_lock:
-            self._checked_out += 1
+        self._lent.add(record)
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        self._telemetry.checked_in(record)
-        with self._checked_out_lock:
-            self._checked_out -= 1
+        telemetry = self._telemetry
+        if telemetry._measuring:
+            telemetry.checked_in(record)
+        self._lent.discard(record)
         NullPool._do_return_conn(self, record)
 
     def recreate(self) -> FaultTolerantNullPool:
@@ -580,7 +592,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         )
 
     def _gauges(self) -> tuple[int, int, int, int]:
-        return 0, 0, self._checked_out, 0
+        return 0, 0, len(self._lent), 0
 
     def _limits(self) -> tuple[int | None, int | None]:
         return None, 0  # no limit on open connections; none is ever kept idle

@@ -134,6 +134,23 @@ def error_type(error: BaseException) -> str:
 
 # -- histogram values handed to the SDK in batches -------------------------------------------------
 
+
+def _context_reader() -> Callable[[], otel_context.Context]:
+    """The cheapest read of the current OpenTelemetry context (what ``get_current()`` returns).
+
+    The API's default runtime context keeps it in one ``ContextVar``: reading that directly is
+    one C call instead of two Python frames (a reference to an immutable context, no copy).
+    Checked once at import; any other runtime context is read through the API.
+    """
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if isinstance(variable, ContextVar) and variable.get() is otel_context.get_current():
+        return variable.get
+    return otel_context.get_current
+
+
+_current_context = _context_reader()
+
 #: How many queued histogram values make a checkout hand them to the SDK itself (about 16
 #: checkouts' worth; the batch takes some 0.2 ms). A collection hands over whatever is queued.
 FLUSH_EVERY = 32
@@ -158,7 +175,7 @@ class _Deferred:
         self, histogram: metrics.Histogram, value: float, attributes: Mapping[str, str]
     ) -> None:
         values = self._values
-        values.append((histogram, value, attributes, otel_context.get_current()))
+        values.append((histogram, value, attributes, _current_context()))
         if len(values) >= FLUSH_EVERY:
             self.flush()
 
@@ -480,11 +497,19 @@ class PoolTelemetry:
         self._measuring = any(
             p is not None and not _is_noop(p) for p in (tracer_provider, meter_provider)
         )
+        # Whether the checkout histograms are kept: spans alone (an SDK tracer provider, no
+        # meter provider) queue no values for the API's no-op histograms.
+        self._metering = meter_provider is not None and not _is_noop(meter_provider)
+        self._global_meter = meter_provider is None
         self._pool: Callable[[], PoolGauges | None] = lambda: None
         self._pending: set[Checkout] = set()  # add and discard are atomic: no lock
         self._error_attributes: dict[str, Mapping[str, str]] = {}
         self.connect_figures: Callable[[], Any] | None = None
         """The gate's ``figures()`` (its state, waiters, fast failures), read at collection."""
+        self._retirement_attributes: dict[str, Mapping[str, str]] = {
+            reason: {POOL_NAME: self.pool_name, RETIREMENT_REASON: reason}
+            for reason in RETIREMENT_REASONS
+        }  # built once, as every attribute mapping of the pool
         self._instruments.pools.add(self)
 
     @classmethod
@@ -543,10 +568,18 @@ class PoolTelemetry:
         """
         if self._measuring:
             return True
-        if _sdk_installed_globally():
+        if not _GLOBALS_FOUND or (  # _sdk_installed_globally(), inlined: every checkout asks
+            _trace_api._TRACER_PROVIDER is not None or _metrics_api._METER_PROVIDER is not None
+        ):
             self._measuring = True
             return True
         return False
+
+    def _values_kept(self) -> bool:
+        """Whether a meter provider keeps the histogram values (once seen, it stays seen)."""
+        if self._global_meter and (not _GLOBALS_FOUND or _metrics_api._METER_PROVIDER is not None):
+            self._metering = True
+        return self._metering
 
     @property
     def pending(self) -> int:
@@ -566,12 +599,20 @@ class PoolTelemetry:
         """The caller got ``connection``: record the wait, start the use time."""
         now = time.perf_counter()
         self._pending.discard(checkout)
-        checkout.leave()
+        token = checkout.token  # checkout.leave(), inlined: the hot path
+        if token is not None:
+            checkout.token = None
+            try:  # noqa: SIM105 - hot path: contextlib.suppress costs a context manager
+                _current_checkout.reset(token)
+            except ValueError:  # another context (a caller that switched contexts mid-checkout)
+                pass
         waited = now - checkout.started
-        self._instruments.deferred.record(self._instruments.wait_time, waited, self.attributes)
-        record = connection._connection_record
-        if record is not None:
-            record.__dict__[_CHECKED_OUT_AT] = now
+        if self._metering or self._values_kept():
+            instruments = self._instruments
+            instruments.deferred.record(instruments.wait_time, waited, self.attributes)
+            record = connection._connection_record
+            if record is not None:
+                record.__dict__[_CHECKED_OUT_AT] = now
         if checkout.span is not None or (
             checkout.waits
             and waited >= CHECKOUT_SPAN_MIN_WAIT
@@ -646,11 +687,10 @@ class PoolTelemetry:
 
     def retired(self, reason: str) -> None:
         """Count a connection the pool closed: ``reason`` is lifetime, idle or liveness."""
-        if reason not in RETIREMENT_REASONS:
+        attributes = self._retirement_attributes.get(reason)
+        if attributes is None:
             raise ValueError(f"retirement reason must be one of {RETIREMENT_REASONS}: {reason!r}")
-        self._instruments.retirements.add(
-            1, {POOL_NAME: self.pool_name, RETIREMENT_REASON: reason}
-        )
+        self._instruments.retirements.add(1, attributes)
 
 
 class ConnectTrace:

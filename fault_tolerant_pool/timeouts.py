@@ -5,7 +5,9 @@ wait for the driver's own timeout: asyncpg 60 s, psycopg 130 s, libpq forever. S
 the pool makes is given a time limit, ``retry_attempt_timeout`` clamped to the time left before
 ``retry_deadline``, and the driver is told through its own connect timeout. The pool's
 ``do_connect`` listener writes it into the connect arguments of that one attempt; the retry loop
-publishes the limit in a context variable just before calling the creator.
+publishes the limit in a context variable just before calling the creator. With
+``retry_attempt_timeout=None`` the driver is told nothing: its own connect timeout (or the
+user's ``connect_args``) applies, as with a stock pool, and the deadline only stops the retries.
 
 Drivers differ in what they can honour (the table :data:`CONNECT_TIMEOUTS`):
 
@@ -47,13 +49,14 @@ _current: ContextVar[AttemptTimer | None] = ContextVar("fault_tolerant_pool_atte
 
 
 def attempt_timeout() -> float | None:
-    """Seconds the connect attempt in progress may take, or None outside one.
+    """Seconds the connect attempt in progress may take, or None outside one (and with
+    ``retry_attempt_timeout=None``).
 
     For a custom ``creator``/``async_creator`` (which bypasses ``do_connect``): pass it to your
     driver's connect so a black-holed attempt ends by the retry deadline too.
     """
     timer = _current.get()
-    return None if timer is None else timer.limit
+    return None if timer is None or timer.cap is None else timer.limit
 
 
 def _seconds(value: Any) -> float | None:
@@ -176,6 +179,8 @@ def _inject(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]
     if timer is not None:
         if timer.host is not None:
             narrow(cparams, timer.host)
+        if timer.cap is None:
+            return  # retry_attempt_timeout=None: tell the driver nothing
         rule = connect_timeout_for(dialect)
         if rule is not None:
             timer.told(rule, rule.apply(cparams, timer.limit))
@@ -192,9 +197,9 @@ def install(dialect: Any) -> None:
 class AttemptTimer:
     """The time limits of one connect's attempts; pure, given clock readings.
 
-    ``cap`` is ``retry_attempt_timeout`` (None: only the deadline). While an attempt runs, the
-    timer is published in a context variable; the ``do_connect`` listener reads the limit and
-    tells the timer what the driver was told (:meth:`told`).
+    ``cap`` is ``retry_attempt_timeout`` (None: the driver is told nothing). While an attempt
+    runs, the timer is published in a context variable; the ``do_connect`` listener reads the
+    limit and tells the timer what the driver was told (:meth:`told`).
     """
 
     __slots__ = ("cap", "host", "limit", "rule", "started", "waits")

@@ -34,14 +34,16 @@ _LIFE = "_fault_tolerant_pool_life"
 
 
 class ConnectionLife:
-    """Per physical connection: its retirement deadline, when it was last returned, its probe."""
+    """Per physical connection: its retirement deadline, when it was last returned, its probe,
+    and whether it is fresh (not returned yet: made for the checkout that lends it)."""
 
-    __slots__ = ("deadline", "last_used", "probe")
+    __slots__ = ("deadline", "fresh", "last_used", "probe")
 
     def __init__(self, deadline: float, last_used: float, probe: Probe | None) -> None:
         self.deadline = deadline
         self.last_used = last_used
         self.probe = probe
+        self.fresh = True
 
 
 def life_of(record: Any) -> ConnectionLife | None:
@@ -86,7 +88,10 @@ class Upkeep:
         )
 
     def checkout(self, record: Any, dialect: Any) -> None:
-        """Before lending ``record``'s connection: retire it if expired, replace it if dead."""
+        """Before lending ``record``'s connection: retire it if expired, replace it if dead.
+
+        A connection made for this very checkout (fresh) is not probed or pinged.
+        """
         life: ConnectionLife | None = record.__dict__.get(_LIFE)
         connection = record.dbapi_connection
         if life is None or connection is None:
@@ -95,6 +100,8 @@ class Upkeep:
         if now >= life.deadline:
             self._retire(record, "lifetime")
             return
+        if life.fresh:
+            return  # made for this very checkout: no probe, no ping (pool_pre_ping skips it too)
         probe = life.probe
         if probe is not None and probe.dead():
             self._replace(record, "closed by the server, or it sent an error, while idle")
@@ -130,6 +137,7 @@ class Upkeep:
             reason = "idle"
         else:
             life.last_used = now
+            life.fresh = False
             return KEEP
         self.counters.retire(reason)
         if logger.isEnabledFor(logging.DEBUG):
@@ -153,8 +161,7 @@ def _nothing() -> None:
 
 
 def _answers_ping(dialect: Any, connection: Any) -> bool:
-    """A real round trip, as ``pool_pre_ping`` makes it; any error means "dead"."""
-    try:
-        return bool(dialect._do_ping_w_event(connection))
-    except Exception:
-        return False
+    """A real round trip, judged as ``pool_pre_ping`` judges it: False for a disconnect (by
+    the dialect's ``is_disconnect`` and any ``handle_error`` listener's verdict); any other
+    error is raised to the caller, and the pool gives the slot back, as SQLAlchemy does."""
+    return bool(dialect._do_ping_w_event(connection))

@@ -304,3 +304,42 @@ def test_with_a_gate_a_cancelled_attempt_frees_the_probe() -> None:
         connect(None)
     assert connect.gate._in_flight == 0  # type: ignore[union-attr]
     assert connect(None) == "connection"
+
+
+class DBAPIWithoutOperationalError(types.SimpleNamespace):
+    """A DBAPI module whose ``OperationalError`` is not a class (a stand-in, as in SQLAlchemy's
+    own pool tests), but whose ``Error`` is."""
+
+    class Error(Exception):
+        pass
+
+    OperationalError = object()
+
+
+@pytest.mark.parametrize(
+    ("dbapi", "base"),
+    [
+        (FakeDBAPI, FakeDBAPI.OperationalError),
+        (DBAPIWithoutOperationalError, DBAPIWithoutOperationalError.Error),
+        (types.SimpleNamespace(), OSError),
+    ],
+)
+def test_the_give_up_derives_from_the_dbapis_operational_error_else_its_error(
+    dbapi: Any, base: type[BaseException]
+) -> None:
+    """SQLAlchemy wraps a DBAPI ``Error`` (as ``DBAPIError``) the way it wraps the driver's own
+    error: the give-up must stay inside that hierarchy whenever the DBAPI has one."""
+    clock, counters = Clock(), ConnectCounters()
+    connect = RetryingConnector(
+        flaky([refused() for _ in range(100)], clock),
+        RetryPolicy(deadline=0.2),
+        counters,
+        sleep=clock.sleep,
+        dbapi=lambda: dbapi,
+        clock=clock,
+        random=lambda: 0.5,
+    )
+    with pytest.raises(ConnectRetriesExhausted) as info:
+        connect(None)
+    assert type(info.value).__mro__[2] is base
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)

@@ -210,6 +210,7 @@ def connected(keeper: Upkeep, probe: Probe | None = None) -> Record:
     life = life_of(record)
     assert life is not None
     life.probe = probe
+    life.fresh = False  # as if lent once and returned (tests of fresh connections set it)
     return record
 
 
@@ -285,9 +286,31 @@ def test_ping_only_after_the_idle_threshold() -> None:
     assert len(record.invalidated) == 1 and counters.retired["liveness"] == 1
     record3 = connected(keeper, Probe())
     clock.now += 2.0
-    dialect.answer = RuntimeError("SSL SYSCALL error: EOF detected")
-    keeper.checkout(record3, dialect)  # any error from the ping: dead
-    assert len(record3.invalidated) == 1
+    # The dialect judges a failed ping as pre-ping does: False is a disconnect (its
+    # is_disconnect, or a handle_error listener, said so); an error it raises is not one, and
+    # reaches the caller (the pool then gives the slot back), the connection is not "dead".
+    dialect.answer = RuntimeError("not a disconnect, said handle_error")
+    with pytest.raises(RuntimeError, match="not a disconnect"):
+        keeper.checkout(record3, dialect)
+    assert record3.invalidated == [] and counters.retired["liveness"] == 1
+
+
+def test_a_connection_made_for_this_checkout_is_not_checked() -> None:
+    clock = Clock()
+    keeper, _ = upkeep(clock, ping_after=0.0)
+    dialect, probe = Dialect(), Probe()
+    record = connected(keeper, probe)
+    life = life_of(record)
+    assert life is not None
+    life.fresh = True  # just made: the checkout that made it lends it
+    clock.now += 0.5
+    keeper.checkout(record, dialect)
+    assert dialect.pings == 0 and probe.looks == 0
+    keeper.checkin(record, 0)  # returned: from now on every checkout pings (ping_after=0)
+    assert not life.fresh
+    clock.now += 0.001
+    keeper.checkout(record, dialect)
+    assert dialect.pings == 1 and probe.looks == 1 and record.invalidated == []
 
 
 def test_no_ping_when_disabled() -> None:

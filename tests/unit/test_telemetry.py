@@ -349,6 +349,20 @@ def test_checkouts_are_measured_only_once_a_provider_listens() -> None:
             meter_provider=metrics.NoOpMeterProvider(),
         )
         assert not noop.pool._telemetry._measuring
+        # spans only (a tracer provider, no meter provider): no histogram value is queued
+        spans_only = sa.create_engine(
+            "postgresql+psycopg://u:pw@127.0.0.1:1/db", poolclass=FaultTolerantQueuePool,
+            tracer_provider=TracerProvider(), meter_provider=metrics.NoOpMeterProvider(),
+        )
+        queue = spans_only.pool._telemetry._instruments.deferred
+        class Proxied:
+            _connection_record = type("Record", (), {})()
+        t = spans_only.pool._telemetry
+        t.checked_out(t.checkout_started(False), Proxied())
+        assert t.active() and len(queue) == 0 and not Proxied._connection_record.__dict__
+        assert not telemetry._values_kept(), "the global meter provider is not set yet"
+        metrics.set_meter_provider(MeterProvider())
+        assert telemetry._values_kept(), "a global meter provider was set"
         print("ok")
         """
     )

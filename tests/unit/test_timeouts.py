@@ -180,7 +180,6 @@ def test_another_attempt_unless_black_holed_and_the_driver_cannot_end_in_time() 
     [
         ("asyncpg", True, 5.0, 10.0, [5.0, 5.0], 10.0),
         ("asyncpg", True, 1.0, 3.0, [1.0, 1.0, 1.0], 3.0),
-        ("asyncpg", True, None, 3.0, [3.0], 3.0),
         ("psycopg", True, 2.5, 5.0, [2.5, 2.5], 5.0),
         # libpq: 5 s, then 4 s (4.975 rounded down), then less than 2 s left: give up at 9 s.
         ("psycopg", False, 5.0, 10.0, [5, 4], 9.0),
@@ -207,6 +206,26 @@ def test_black_holed_attempts_keep_the_deadline(
     assert clock.now - 100.0 == pytest.approx(elapsed, abs=0.1)
     assert clock.now - 100.0 <= deadline + 1e-9
     assert attempt_timeout() is None  # unpublished after the attempts
+
+
+@pytest.mark.parametrize(("driver", "is_async"), [("asyncpg", True), ("psycopg", True),
+                                                 ("psycopg", False)])  # fmt: skip
+def test_no_attempt_timeout_tells_the_driver_nothing(driver: str, is_async: bool) -> None:
+    clock = Clock()
+    seen: list[tuple[float | None, dict[str, Any]]] = []
+
+    def creator(record: Any) -> Any:
+        cparams: dict[str, Any] = {"host": "h"}
+        timeouts._inject(dialect(driver, is_async), record, [], cparams)
+        seen.append((attempt_timeout(), cparams))
+        clock.now += 1.0
+        raise TimeoutError("timed out")
+
+    connect = connector(creator, clock, deadline=3.0, attempt_timeout=None)
+    with pytest.raises(ConnectRetriesExhausted):
+        connect(None)
+    assert seen and all(told == (None, {"host": "h"}) for told in seen)  # no timeout, no wrapper
+    assert clock.now - 100.0 <= 3.0 + 1.0  # no attempt started after the deadline
 
 
 def test_users_own_smaller_timeout_gives_more_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
