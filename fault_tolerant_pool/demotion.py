@@ -47,24 +47,27 @@ READ_ONLY_SIGNALS: dict[str, str | None] = {
     "55000": "recovery is in progress",  # object_not_in_prerequisite_state, on a standby
 }
 
-#: The key in ``record.info`` (per physical connection, cleared on reconnect): whether the
-#: server was read-only when this connection was made (None: it did not say).
+#: The key in the pool record's ``__dict__`` (not ``record.info``, which is the application's):
+#: whether the server was read-only when the record's connection was made (None: it did not
+#: say). Written at every connect, so it always describes the current connection.
 CONNECTED_READ_ONLY = "fault_tolerant_pool.read_only"
 
 
 def reported_read_only(driver_connection: Any) -> bool | None:
-    """What the server last reported: True (read-only), False (writable), None (not reported)."""
-    info = getattr(driver_connection, "info", None)
-    status: Callable[[str], Any] | None = getattr(info, "parameter_status", None)  # psycopg
-    if status is None:
-        get_settings = getattr(driver_connection, "get_settings", None)  # asyncpg
-        if get_settings is None:
-            return None
-        settings = get_settings()
+    """What the server last reported: True (read-only), False (writable), None (not reported,
+    or a driver this module does not know)."""
+    module = type(driver_connection).__module__
+    status: Callable[[str], Any]
+    if module.startswith("psycopg"):  # psycopg 3 and psycopg2: the libpq's ParameterStatus
+        status = driver_connection.info.parameter_status
+    elif module.startswith("asyncpg"):
+        settings = driver_connection.get_settings()
 
         def status(name: str) -> Any:
             return getattr(settings, name, None)
 
+    else:
+        return None
     seen = False
     for name in READ_ONLY_PARAMETERS:
         value = status(name)
@@ -159,7 +162,7 @@ class DemotionWatch:
         try:
             fairy = connection.connection
             driver_connection = fairy.driver_connection
-            info = fairy.info
+            info = fairy._connection_record.__dict__
         except Exception:  # closed or invalidated meanwhile: nothing left to judge
             return
         if driver_connection is not None and self.judge(info, driver_connection):

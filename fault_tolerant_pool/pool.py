@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
@@ -90,7 +91,7 @@ class FaultTolerance:
         connection = context.connection
         if connection is not None and not context.is_disconnect:
             with contextlib.suppress(Exception):  # closed meanwhile: nothing to mark
-                watchdog.suspect(connection.connection.info)
+                watchdog.suspect(connection.connection._connection_record.__dict__)
         demotion = self.demotion
         if demotion is not None:
             demotion.handle_error(context)
@@ -311,14 +312,14 @@ class _FaultTolerantPool(Pool):
             upkeep.connected(record, driver_connection)
         demotion = self._fault_tolerance.demotion
         if demotion is not None and record is not None and self._keeps_connections:
-            demotion.connected(record.info, driver_connection)
+            demotion.connected(record.__dict__, driver_connection)
 
     def _install_failover(self) -> None:
         """Called once SQLAlchemy's ``__init__`` has set the dialect: bound pings, and the
         statement-time signals (demotion, doubt) through ``handle_error``."""
         dialect = self._dialect
-        if isinstance(dialect, _ConnDialect):
-            return
+        if not isinstance(dialect, Dialect) or isinstance(dialect, _ConnDialect):
+            return  # a pool built by hand, or a stand-in dialect: nothing to listen to
         ft = self._fault_tolerance
         watchdog.install(dialect, ft.ping_timeout, ft.counters.ping_timed_out)
         if not event.contains(dialect, "handle_error", ft.handle_error):

@@ -114,7 +114,7 @@ class Upkeep:
                 return
             demotion = self.demotion
             if demotion is not None and demotion.judge(
-                record.info, dialect.get_driver_connection(connection), signal=False
+                record.__dict__, dialect.get_driver_connection(connection), signal=False
             ):
                 self.invalidate_pool()
                 self._replace(record, "its server turned read-only")

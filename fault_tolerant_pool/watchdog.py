@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sqlalchemy.pool import PoolProxiedConnection
+
 _T = TypeVar("_T")
 
 logger = logging.getLogger("fault_tolerant_pool.liveness")
@@ -51,18 +53,19 @@ _WRAPPED = "_fault_tolerant_pool_bounded"
 
 
 def socket_fd(driver_connection: Any) -> int | None:
-    """The socket descriptor of a driver's connection (asyncpg or psycopg), or None."""
-    transport = getattr(driver_connection, "_transport", None)  # asyncpg
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
+    """The socket descriptor of a driver's connection (asyncpg or psycopg), or None (another
+    driver: its pings are left unbounded)."""
+    module = type(driver_connection).__module__
+    if module.startswith("asyncpg"):
+        transport = driver_connection._transport
+        sock = None if transport is None else transport.get_extra_info("socket")
         return None if sock is None else int(sock.fileno())
-    fileno = getattr(driver_connection, "fileno", None)  # psycopg
-    if fileno is None:
-        return None
-    try:
-        return int(fileno())
-    except Exception:
-        return None
+    if module.startswith("psycopg"):
+        try:
+            return int(driver_connection.fileno())
+        except Exception:  # closed already
+            return None
+    return None
 
 
 def cut(fd: int) -> None:
@@ -181,24 +184,26 @@ def bounded(
     return bounded_operation
 
 
-#: The key in ``record.info`` of a connection whose last statement failed.
+#: The key in a pool record's ``__dict__`` of a connection whose last statement failed.
 SUSPECT = "fault_tolerant_pool.suspect"
 
 
-def suspect(info: dict[str, Any]) -> None:
-    """A statement failed on the connection of ``info``: bound its next rollback."""
-    info[SUSPECT] = True
+def suspect(state: dict[str, Any]) -> None:
+    """A statement failed on the connection of a pool record (``state`` is the record's
+    ``__dict__``): bound its next rollback."""
+    state[SUSPECT] = True
 
 
 def _rollback_when_suspect(
     rollback: Callable[[Any], None], bounded_rollback: Callable[[Any], None]
 ) -> Callable[[Any], None]:
     def do_rollback(dbapi_connection: Any) -> None:
-        try:
-            info = dbapi_connection.info  # a pooled connection: its record's info
-        except Exception:  # a raw DBAPI connection, or SQLAlchemy's ad-hoc first connection
-            info = None
-        if type(info) is dict and info.pop(SUSPECT, False):
+        record = (
+            getattr(dbapi_connection, "_connection_record", None)
+            if isinstance(dbapi_connection, PoolProxiedConnection)
+            else None  # a raw DBAPI connection
+        )
+        if record is not None and record.__dict__.pop(SUSPECT, False):
             bounded_rollback(dbapi_connection)
         else:
             rollback(dbapi_connection)

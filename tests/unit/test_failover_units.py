@@ -186,13 +186,27 @@ def test_the_demotion_table(
     )
 
 
+class PsycopgConnection(types.SimpleNamespace):
+    """Stands for a psycopg connection: only its module and the attributes read are alike."""
+
+
+PsycopgConnection.__module__ = "psycopg.connection"
+
+
+class AsyncpgConnection(types.SimpleNamespace):
+    """Stands for an asyncpg connection, likewise."""
+
+
+AsyncpgConnection.__module__ = "asyncpg.connection"
+
+
 def psycopg_like(**status: str) -> Any:
-    return types.SimpleNamespace(info=types.SimpleNamespace(parameter_status=status.get))
+    return PsycopgConnection(info=types.SimpleNamespace(parameter_status=status.get))
 
 
 def asyncpg_like(**status: str) -> Any:
     settings = types.SimpleNamespace(**status)
-    return types.SimpleNamespace(get_settings=lambda: settings)
+    return AsyncpgConnection(get_settings=lambda: settings)
 
 
 @pytest.mark.parametrize("make", [psycopg_like, asyncpg_like])
@@ -201,7 +215,7 @@ def test_reported_read_only(make: Any) -> None:
     assert reported_read_only(make(in_hot_standby="on")) is True
     assert reported_read_only(make(default_transaction_read_only="off")) is False
     assert reported_read_only(make()) is None
-    assert reported_read_only(object()) is None
+    assert reported_read_only(types.SimpleNamespace(info=None)) is None  # another driver
 
 
 class ServerError(Exception):
@@ -218,8 +232,8 @@ def test_read_only_signals() -> None:
     assert not is_read_only_signal(ServerError("duplicate key", "23505"))
 
 
-def context_for(error: BaseException, info: dict[str, Any], driver: Any) -> Any:
-    fairy = types.SimpleNamespace(driver_connection=driver, info=info)
+def context_for(error: BaseException, record: Any, driver: Any) -> Any:
+    fairy = types.SimpleNamespace(driver_connection=driver, _connection_record=record)
     return types.SimpleNamespace(
         is_disconnect=False, is_pre_ping=False, original_exception=error,
         connection=types.SimpleNamespace(connection=fairy),
@@ -229,14 +243,15 @@ def context_for(error: BaseException, info: dict[str, Any], driver: Any) -> Any:
 def test_the_watch_turns_a_demoted_writers_error_into_a_disconnect() -> None:
     seen: list[int] = []
     watch = DemotionWatch(False, lambda: seen.append(1))
-    info: dict[str, Any] = {}
+    record = types.SimpleNamespace()  # a pool record: the watch keeps its notes in __dict__
+    info = record.__dict__
     watch.connected(info, psycopg_like(default_transaction_read_only="off"))
     assert info[CONNECTED_READ_ONLY] is False and watch.had_writer
     error = ServerError("cannot execute INSERT in a read-only transaction", "25006")
-    own = context_for(error, info, psycopg_like(default_transaction_read_only="off"))
+    own = context_for(error, record, psycopg_like(default_transaction_read_only="off"))
     watch.handle_error(own)
     assert own.is_disconnect is False and seen == []
-    demoted_ctx = context_for(error, info, psycopg_like(default_transaction_read_only="on"))
+    demoted_ctx = context_for(error, record, psycopg_like(default_transaction_read_only="on"))
     watch.handle_error(demoted_ctx)
     assert demoted_ctx.is_disconnect is True and seen == [1]
 
@@ -313,7 +328,7 @@ def test_a_bounded_operation_is_cut_when_it_overruns() -> None:
     a, b = socket.socketpair()
     timeouts_seen: list[int] = []
     with a, b:
-        driver = types.SimpleNamespace(fileno=a.fileno)
+        driver = PsycopgConnection(fileno=a.fileno)
         read = bounded(lambda conn: conn.recv(1), "ping", 0.05, lambda conn: driver,
                        lambda: timeouts_seen.append(1))  # fmt: skip
         started = time.monotonic()
@@ -323,6 +338,6 @@ def test_a_bounded_operation_is_cut_when_it_overruns() -> None:
         with b2, c:
             c.send(b"x")
             quick = bounded(lambda conn: conn.recv(1), "ping", 5.0,
-                            lambda conn: types.SimpleNamespace(fileno=b2.fileno),
+                            lambda conn: PsycopgConnection(fileno=b2.fileno),
                             lambda: timeouts_seen.append(2))  # fmt: skip
             assert quick(b2) == b"x" and timeouts_seen == [1]
