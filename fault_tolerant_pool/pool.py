@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
 from sqlalchemy.util import await_only
+from sqlalchemy.util import queue as sqla_queue
 
 from . import credentials as _credentials
 from . import timeouts
@@ -37,6 +38,7 @@ from .lifetime import (
     LifetimePolicy,
 )
 from .liveness import DEFAULT_LIVENESS_CHECK, DEFAULT_PING_AFTER, LivenessPolicy
+from .overflow import DEFAULT_OVERFLOW_IDLE, OverflowIdle, overflow_idle_seconds, queue_capacity
 from .policy import (
     DEFAULT_ATTEMPT_TIMEOUT,
     DEFAULT_ATTEMPTS,
@@ -65,6 +67,8 @@ class FaultTolerance:
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     secrets: Callable[[], tuple[str, ...]] = field(default=tuple, compare=False)
     """The passwords known to the pool (URL, credentials), scrubbed from every message."""
+    overflow_idle: float = DEFAULT_OVERFLOW_IDLE
+    """Seconds connections beyond ``pool_size`` may sit idle (0: SQLAlchemy's rule)."""
 
     @classmethod
     def from_arguments(
@@ -87,6 +91,7 @@ class FaultTolerance:
         meter_provider: Any = None,
         retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: Any = False,
+        overflow_idle: Any = DEFAULT_OVERFLOW_IDLE,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
@@ -127,6 +132,7 @@ class FaultTolerance:
             lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
             liveness=LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
             secrets=secrets,
+            overflow_idle=overflow_idle_seconds(overflow_idle),
         )
 
 
@@ -163,6 +169,7 @@ class _FaultTolerantPool(Pool):
     _fault_tolerance: FaultTolerance
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
+    _overflow_idle: OverflowIdle | None = None
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -297,6 +304,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: bool = False,
+        overflow_idle: float = DEFAULT_OVERFLOW_IDLE,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -305,6 +313,11 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         if Upkeep.wanted(ft.lifetime, ft.liveness):
             self._upkeep = Upkeep(ft.lifetime, ft.liveness, ft.counters)
         QueuePool.__init__(self, creator, **kw)
+        self._pool_size = self._pool.maxsize
+        if ft.overflow_idle > 0 and self._pool_size > 0:  # keep overflow idle: a larger queue
+            self._overflow_idle = OverflowIdle(ft.overflow_idle)
+            capacity = queue_capacity(self._pool_size, self._max_overflow)
+            self._pool = self._queue_class(capacity, use_lifo=self._pool.use_lifo)
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
@@ -312,6 +325,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
     def _do_get(self) -> ConnectionPoolEntry:
+        if self._overflow_idle is not None:
+            self._overflow_idle.checkout(self._pool.qsize())
         record = super()._do_get()
         upkeep = self._upkeep
         if upkeep is not None:
@@ -342,13 +357,45 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                     else:
                         super()._do_return_conn(record)
                 return
+        if self._overflow_idle is not None and self._shed_overflow(record):
+            return
         super()._do_return_conn(record)
+
+    def _shed_overflow(self, record: ConnectionPoolEntry) -> bool:
+        """Close ``record`` and more idle ones if the pool held them unused for
+        ``overflow_idle`` (see :mod:`fault_tolerant_pool.overflow`); whether it did."""
+        assert self._overflow_idle is not None
+        close = self._overflow_idle.checkin(self._pool.qsize(), self._overflow)
+        if not close:
+            return False
+        retire = self._fault_tolerance.counters.retire
+        for taken in range(close):
+            if taken:  # then idle ones, from the queue
+                try:
+                    record = self._pool.get(False)
+                except sqla_queue.Empty:
+                    break
+            try:
+                record.close()
+            finally:
+                self._dec_overflow()
+                retire("overflow")
+        return True
+
+    def size(self) -> int:
+        return self._pool_size
+
+    def overflow(self) -> int:
+        return self._overflow if self._pool_size else 0
+
+    def checkedout(self) -> int:
+        return self._pool_size - self._pool.qsize() + self._overflow
 
     def recreate(self) -> FaultTolerantQueuePool:
         self.logger.info("Pool recreating")
         return self.__class__(
             self._creator,
-            pool_size=self._pool.maxsize,
+            pool_size=self._pool_size,
             max_overflow=self._max_overflow,
             pre_ping=self._pre_ping,
             use_lifo=self._pool.use_lifo,
@@ -369,8 +416,9 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         return -1 < self._max_overflow <= self._overflow and self._pool.empty()
 
     def _limits(self) -> tuple[int | None, int | None]:
-        size = self._pool.maxsize
-        return (None if self._max_overflow < 0 else size + self._max_overflow), size
+        size = self._pool_size
+        most = None if self._max_overflow < 0 else size + self._max_overflow
+        return most, self._pool.maxsize or None  # the queue holds the idle ones (0: no limit)
 
 
 class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool):
@@ -405,6 +453,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: bool = False,
+        overflow_idle: float = DEFAULT_OVERFLOW_IDLE,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:

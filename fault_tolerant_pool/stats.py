@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 #: Why a pooled connection was closed by the pool before its time: see ``PoolStats.retired_*``.
-Retirement = Literal["lifetime", "idle", "liveness"]
+Retirement = Literal["lifetime", "idle", "liveness", "overflow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,8 @@ class PoolStats:
     """Connections closed because the pool held more idle ones than it used for ``max_idle``."""
     retired_liveness: int = 0
     """Connections found dead at checkout and replaced before the caller saw them."""
+    retired_overflow: int = 0
+    """Connections above ``pool_size`` closed after the pool held them idle ``overflow_idle``."""
 
 
 class CounterListener(Protocol):
@@ -92,7 +94,9 @@ class ConnectCounters:
         self.last_error: LastError | None = None
         self.credential_fetches = 0
         self.credential_refreshes = 0
-        self.retired: dict[Retirement, int] = {"lifetime": 0, "idle": 0, "liveness": 0}
+        self.retired: dict[Retirement, int] = {
+            "lifetime": 0, "idle": 0, "liveness": 0, "overflow": 0,
+        }  # fmt: skip
         self.listener: CounterListener | None = None
 
     def attempt_failed(self, error_class: str, sqlstate: str | None) -> None:
@@ -142,4 +146,5 @@ class ConnectCounters:
             retired_lifetime=self.retired["lifetime"],
             retired_idle=self.retired["idle"],
             retired_liveness=self.retired["liveness"],
+            retired_overflow=self.retired["overflow"],
         )

@@ -79,7 +79,7 @@ CREDENTIAL_REFRESHES = "fault_tolerant_pool.credential.refreshes"
 RETIREMENTS = "fault_tolerant_pool.connection.retirements"
 
 #: Retirement reasons (the values of ``fault_tolerant_pool.retirement.reason``).
-RETIREMENT_REASONS = ("lifetime", "idle", "liveness")
+RETIREMENT_REASONS = ("lifetime", "idle", "liveness", "overflow")
 
 #: Histogram buckets in seconds: from an instant checkout (0.1 ms) to a long retry sequence.
 DURATION_BUCKETS = (
@@ -211,8 +211,8 @@ class _Instruments:
         )
         self.retirements = counter(
             RETIREMENTS, "{connection}",
-            "Connections closed by the pool because of their lifetime, idle time or a failed "
-            "liveness check, by fault_tolerant_pool.retirement.reason.",
+            "Connections closed by the pool because of their lifetime, idle time, a failed "
+            "liveness check or idle overflow, by fault_tolerant_pool.retirement.reason.",
         )  # fmt: skip
         meter.create_observable_up_down_counter(
             CONNECTION_COUNT, [self._observe_count], "{connection}",
@@ -575,7 +575,7 @@ class PoolTelemetry:
         self._instruments.credential_refreshes.add(1, self.attributes)
 
     def retired(self, reason: str) -> None:
-        """Count a connection the pool closed: ``reason`` is lifetime, idle or liveness."""
+        """Count a connection the pool closed (reason: lifetime, idle, liveness or overflow)."""
         if reason not in RETIREMENT_REASONS:
             raise ValueError(f"retirement reason must be one of {RETIREMENT_REASONS}: {reason!r}")
         self._instruments.retirements.add(

@@ -1,0 +1,103 @@
+"""When a queue pool closes the connections it opened beyond ``pool_size``: once they sat idle.
+
+SQLAlchemy closes a returned overflow connection whenever ``pool_size`` others are idle, so under
+steady load with bursts (20 workers on a pool of 5 + 10) every burst of returns closes
+connections that the next burst opens again: hundreds of logins a second. Here the pool keeps
+up to ``pool_size + max_overflow`` connections idle and closes the ones above ``pool_size`` only
+once the pool has held them unused for ``overflow_idle`` seconds.
+
+"Unused for that long" is measured by count, not per connection: a FIFO pool (SQLAlchemy's
+default) lends every idle connection in turn, so no single one ever looks idle under light
+load. The rule tracks the fewest connections that sat idle in the pool at any moment of a
+window of ``overflow_idle`` seconds; that many were not needed through the whole window, and
+that many overflow connections (at most) are closed at the following checkins. A pool that saw
+no checkout or checkin for a whole window held all its idle connections unused: the first
+checkin after the quiet closes every idle one above ``pool_size``. Nothing runs in the
+background: a pool that sees no traffic at all keeps its connections until its next checkin.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import ArgumentError
+
+from .policy import _number
+
+#: Seconds an overflow connection may sit idle (see the README for why 30 s).
+DEFAULT_OVERFLOW_IDLE = 30.0
+
+_UNSEEN = sys.maxsize  # no count observed yet in the current window
+
+
+def overflow_idle_seconds(value: Any) -> float:
+    """Validate ``overflow_idle``: seconds, at least 0 (0: SQLAlchemy's rule, close at once)."""
+    if value is None:
+        raise ArgumentError(
+            "overflow_idle must be a number of seconds (0: close overflow connections at "
+            "once, as SQLAlchemy does), got None"
+        )
+    return _number("overflow_idle", value, minimum=0.0, strict=False)
+
+
+def queue_capacity(pool_size: int, max_overflow: int) -> int:
+    """The idle connections a pool keeps (its queue's ``maxsize``; 0: no limit)."""
+    return 0 if max_overflow < 0 else pool_size + max_overflow
+
+
+class OverflowIdle:
+    """Tells, at checkin, how many connections above ``pool_size`` to close; the clock is
+    injectable.
+
+    The pool reports the count of idle connections before each checkout and each checkin (the
+    count that held since the previous one). Under threads the counts are approximate: at worst
+    a connection more or fewer is closed, and a closed one is opened again on demand.
+    """
+
+    __slots__ = ("clock", "last", "low", "seconds", "started", "surplus")
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        now = clock()
+        self.started = now  # the current window began
+        self.last = now  # the latest checkout or checkin
+        self.low = _UNSEEN  # the fewest idle connections seen in the current window
+        self.surplus = 0  # connections known to be unneeded, not closed yet
+
+    def checkout(self, idle: int) -> None:
+        """A checkout begins while ``idle`` connections sit in the pool."""
+        self._seen(self.clock(), idle)
+
+    def checkin(self, idle: int, overflow: int) -> int:
+        """A connection comes back while ``idle`` others sit in the pool and ``overflow`` are
+        open beyond ``pool_size``: how many to close now, the returned one first (0: keep it).
+
+        At least one idle connection always stays (a caller waiting for one is served).
+        """
+        self._seen(self.clock(), idle)
+        surplus = self.surplus
+        if surplus <= 0 or overflow <= 0 or idle <= 0:
+            return 0
+        close = min(surplus, overflow, idle)
+        self.surplus = surplus - close
+        return close
+
+    def _seen(self, now: float, idle: int) -> None:
+        seconds = self.seconds
+        if now - self.last >= seconds:
+            # nothing happened for a whole window: these sat unused all along
+            self.surplus = idle
+            self.started = now
+            self.low = _UNSEEN
+        else:
+            if idle < self.low:
+                self.low = idle
+            if now - self.started >= seconds:
+                self.surplus = self.low
+                self.started = now
+                self.low = _UNSEEN
+        self.last = now

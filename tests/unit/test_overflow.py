@@ -1,0 +1,229 @@
+"""When overflow connections are closed: the rule alone (injected clock), then a pool's numbers.
+
+The pool-level tests use a DBAPI stand-in (no database): they check SQLAlchemy's counters
+(``size()``, ``checkedin()``, ``overflow()``, ``checkedout()``) while the pool keeps overflow.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import ArgumentError
+
+from fault_tolerant_pool import FaultTolerantQueuePool
+from fault_tolerant_pool.overflow import (
+    DEFAULT_OVERFLOW_IDLE,
+    OverflowIdle,
+    overflow_idle_seconds,
+    queue_capacity,
+)
+
+from .fakes import Clock
+
+
+def cycle(rule: OverflowIdle, idle: int, overflow: int) -> int:
+    """A checkout then its checkin with nothing else happening in between."""
+    rule.checkout(idle)
+    return rule.checkin(idle - 1 if idle else 0, overflow)
+
+
+def test_nothing_closes_before_a_whole_window() -> None:
+    clock = Clock()
+    rule = OverflowIdle(30.0, clock=clock)
+    for _ in range(290):  # 29 s of light traffic: 14 of 15 always idle
+        clock.now += 0.1
+        assert cycle(rule, 15, 10) == 0
+
+
+def test_connections_idle_through_a_window_are_closed_down_to_the_peak() -> None:
+    clock = Clock()
+    rule = OverflowIdle(10.0, clock=clock)
+    closed = 0
+    idle = 15  # 15 open, at most 3 in use at once: 12 idle throughout
+    for _ in range(200):
+        clock.now += 0.1
+        rule.checkout(idle)
+        rule.checkout(idle - 1)
+        rule.checkout(idle - 2)
+        n = rule.checkin(idle - 3, overflow=10 - closed)
+        closed += n
+        idle -= n
+        rule.checkin(idle - 2, overflow=10 - closed)
+        rule.checkin(idle - 1, overflow=10 - closed)
+    # 12 were idle through the first window; only the 10 above pool_size may close
+    assert closed == 10
+
+
+def test_steady_load_that_uses_every_connection_closes_none() -> None:
+    clock, draw = Clock(), random.Random(7).random
+    rule = OverflowIdle(5.0, clock=clock)
+    for step in range(20_000):  # 200 s; every second or so all 15 are in use at once
+        clock.now += 0.01
+        idle = 0 if step % 97 == 0 else int(draw() * 12)
+        rule.checkout(idle)
+        assert rule.checkin(idle, overflow=10) == 0 or idle == 0
+
+
+def test_a_pool_quiet_for_a_window_closes_all_its_idle_overflow_at_the_next_checkin() -> None:
+    clock = Clock()
+    rule = OverflowIdle(30.0, clock=clock)
+    rule.checkout(0)
+    assert rule.checkin(0, overflow=10) == 0  # busy: nothing idle
+    clock.now += 30.0  # no traffic at all
+    rule.checkout(15)
+    clock.now += 0.002
+    assert rule.checkin(14, overflow=10) == 10  # down to pool_size at once
+    clock.now += 0.01
+    assert cycle(rule, 5, 0) == 0
+
+
+def test_at_least_one_idle_connection_stays() -> None:
+    clock = Clock()
+    rule = OverflowIdle(1.0, clock=clock)
+    rule.checkout(4)
+    clock.now += 1.0
+    rule.checkout(4)  # the quiet window: 4 unused
+    assert rule.checkin(0, overflow=10) == 0  # none idle now: a waiter may want the returned one
+    assert rule.checkin(2, overflow=10) == 2  # the returned one and one idle; one stays
+    assert rule.checkin(1, overflow=10) == 1  # the returned one; the idle one stays
+    clock.now += 0.1
+    assert rule.checkin(3, overflow=10) == 1  # what is left of the 4, never more
+    assert rule.checkin(3, overflow=10) == 0
+
+
+def test_never_below_pool_size() -> None:
+    clock = Clock()
+    rule = OverflowIdle(1.0, clock=clock)
+    rule.checkout(8)
+    clock.now += 5.0
+    rule.checkout(8)
+    assert rule.checkin(7, overflow=2) == 2
+    assert rule.checkin(7, overflow=0) == 0
+
+
+def test_the_budget_is_redrawn_each_window() -> None:
+    clock = Clock()
+    rule = OverflowIdle(1.0, clock=clock)
+    rule.checkout(6)
+    clock.now += 1.5
+    rule.checkout(6)  # quiet: 6 surplus
+    clock.now += 0.1
+    assert rule.checkin(1, overflow=10) == 1
+    clock.now += 1.0  # a window in which the fewest idle was 1
+    assert rule.checkin(1, overflow=9) == 1
+    clock.now += 0.5
+    assert rule.checkin(0, overflow=8) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(0, 0.0), ("0", 0.0), (30, 30.0), ("2.5", 2.5), (0.1, 0.1)]
+)
+def test_valid_settings(value: Any, seconds: float) -> None:
+    assert overflow_idle_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", [-1, "abc", None, float("inf"), True, "nan"])
+def test_bad_settings_name_the_parameter(value: Any) -> None:
+    with pytest.raises(ArgumentError, match="overflow_idle"):
+        overflow_idle_seconds(value)
+
+
+def test_bad_settings_are_refused_at_engine_creation() -> None:
+    import sqlalchemy as sa
+
+    with pytest.raises(ArgumentError, match="overflow_idle must be at least 0, got -2"):
+        sa.create_engine(
+            "postgresql+psycopg://u:pw@db/app", poolclass=FaultTolerantQueuePool, overflow_idle=-2
+        )
+
+
+def test_queue_capacity() -> None:
+    assert queue_capacity(5, 10) == 15
+    assert queue_capacity(5, 0) == 5
+    assert queue_capacity(5, -1) == 0  # no limit
+
+
+# -- a pool's numbers (a DBAPI stand-in, no database) ---------------------------------------------
+
+
+class FakeConnection:
+    closed = 0
+
+    def close(self) -> None:
+        FakeConnection.closed += 1
+
+    def rollback(self) -> None:
+        pass
+
+
+def make_pool(**kw: Any) -> tuple[Any, Clock]:
+    FakeConnection.closed = 0
+    pool: Any = FaultTolerantQueuePool(
+        FakeConnection, pool_size=5, max_overflow=10, liveness_check=False, **kw
+    )
+    clock = Clock()
+    if pool._overflow_idle is not None:
+        pool._overflow_idle = OverflowIdle(pool._overflow_idle.seconds, clock=clock)
+    return pool, clock
+
+
+def numbers(pool: Any) -> tuple[int, int, int, int]:
+    return pool.size(), pool.checkedin(), pool.overflow(), pool.checkedout()
+
+
+def test_overflow_is_kept_idle_and_the_counters_stay_true() -> None:
+    pool, clock = make_pool()
+    held = [pool.connect() for _ in range(15)]
+    assert numbers(pool) == (5, 0, 10, 15)
+    for connection in held:
+        connection.close()
+    assert numbers(pool) == (5, 15, 10, 0)  # all 15 kept, none closed
+    assert FakeConnection.closed == 0
+    assert pool.stats().size == 5 and pool.stats().checked_in == 15
+    assert pool._limits() == (15, 15)
+    # a quiet window, then one request: back to pool_size
+    clock.now += DEFAULT_OVERFLOW_IDLE
+    pool.connect().close()
+    assert numbers(pool) == (5, 5, 0, 0)
+    assert FakeConnection.closed == 10
+    assert pool.stats().retired_overflow == 10
+    # overflow opens again on demand, up to the limit
+    held = [pool.connect() for _ in range(15)]
+    assert numbers(pool) == (5, 0, 10, 15)
+    for connection in held:
+        connection.close()
+    pool.dispose()
+    assert numbers(pool) == (5, 0, -5, 0)
+
+
+def test_overflow_idle_zero_is_sqlalchemys_rule() -> None:
+    pool, _ = make_pool(overflow_idle=0)
+    assert pool._overflow_idle is None and pool._pool.maxsize == 5
+    held = [pool.connect() for _ in range(15)]
+    for connection in held:
+        connection.close()
+    assert numbers(pool) == (5, 5, 0, 0)
+    assert FakeConnection.closed == 10
+    assert pool.stats().retired_overflow == 0  # SQLAlchemy's own closes are not retirements
+    assert pool._limits() == (15, 5)
+
+
+def test_recreate_keeps_the_setting_and_the_size() -> None:
+    pool, _ = make_pool(overflow_idle=7)
+    again: Any = pool.recreate()
+    assert (again.size(), again._max_overflow, again._pool.maxsize) == (5, 10, 15)
+    assert again._overflow_idle is not None and again._overflow_idle.seconds == 7.0
+
+
+def test_unlimited_overflow_and_pool_size_zero() -> None:
+    unlimited: Any = FaultTolerantQueuePool(FakeConnection, pool_size=2, max_overflow=-1)
+    assert unlimited._pool.maxsize == 0 and unlimited._limits() == (None, None)
+    held = [unlimited.connect() for _ in range(6)]
+    for connection in held:
+        connection.close()
+    assert (unlimited.size(), unlimited.checkedin(), unlimited.overflow()) == (2, 6, 4)
+    # pool_size=0 is SQLAlchemy's "no limit" (it keeps every connection): left as it is
+    no_limit: Any = FaultTolerantQueuePool(FakeConnection, pool_size=0)
+    assert no_limit._overflow_idle is None and no_limit.size() == 0
