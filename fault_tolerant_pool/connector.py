@@ -15,7 +15,7 @@ from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer
 from .errors import CredentialsError, exhausted_error, one_line, redact
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
-from .telemetry import PoolTelemetry, disabled
+from .telemetry import UNTRACED, ConnectTrace, PoolTelemetry, Untraced, disabled
 from .timeouts import AttemptTimer, release_frames, retire
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
@@ -91,10 +91,13 @@ class RetryingConnector:
         self.discard = discard
 
     def __call__(self, record: Any) -> Any:
-        with self.telemetry.connect() as trace:  # one span around every attempt and backoff
+        telemetry = self.telemetry
+        if not telemetry.active():  # only the API's no-op providers: nothing would be kept
+            return self._connect(record, UNTRACED)
+        with telemetry.connect() as trace:  # one span around every attempt and backoff
             return self._connect(record, trace)
 
-    def _connect(self, record: Any, trace: Any) -> Any:
+    def _connect(self, record: Any, trace: ConnectTrace | Untraced) -> Any:
         backoff = Backoff(self.policy, self.clock())
         timer = AttemptTimer(self.policy.attempt_timeout)
         credentials = self.credentials

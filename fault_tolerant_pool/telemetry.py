@@ -671,6 +671,33 @@ class ConnectTrace:
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
 
 
+class Untraced:
+    """Stands in for :class:`ConnectTrace` when nothing listens (only the API's no-op
+    providers): a connect then starts no span and touches no instrument, which would drop it all.
+    """
+
+    __slots__ = ()
+
+    def attempt_failed(
+        self,
+        error: Exception,
+        verdict: Verdict,
+        *,
+        duration: float,
+        backoff: float | None,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        pass
+
+    def connected(self, elapsed: float) -> None:
+        pass
+
+    def gave_up(self, verdict: Verdict, error: BaseException) -> None:
+        pass
+
+
+UNTRACED = Untraced()
+
 _NO_TRACES = trace.NoOpTracerProvider()
 _NO_METRICS = metrics.NoOpMeterProvider()
 

@@ -230,3 +230,25 @@ def test_a_connection_made_after_retries_is_stamped_when_it_was_made() -> None:
     untouched = types.SimpleNamespace(starttime=1.0)
     assert make(flaky([], clock), clock, counters)(untouched) == "connection"
     assert untouched.starttime == 1.0  # no retry: SQLAlchemy's own stamp stands
+
+
+def test_no_span_is_started_when_nothing_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the API's no-op providers: the connect skips the telemetry (it would all be dropped);
+    with a listening provider the same connector traces it."""
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused()], clock), clock, counters)
+    traced: list[object] = []
+    real = connect.telemetry.connect
+
+    def spy() -> Any:
+        traced.append(True)
+        return real()
+
+    monkeypatch.setattr(connect.telemetry, "connect", spy)
+    assert not connect.telemetry.active()
+    assert connect(None) == "connection"
+    assert traced == [] and counters.snapshot(0, 0, 0, 0).attempts == 2
+    monkeypatch.setattr(connect.telemetry, "_measuring", True)
+    connect.creator = flaky([], clock)
+    assert connect(None) == "connection"
+    assert traced == [True]
