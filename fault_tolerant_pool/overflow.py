@@ -57,7 +57,7 @@ class OverflowIdle:
     a connection more or fewer is closed, and a closed one is opened again on demand.
     """
 
-    __slots__ = ("clock", "last", "low", "seconds", "started", "surplus")
+    __slots__ = ("clock", "closing", "last", "low", "seconds", "started", "surplus")
 
     def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
@@ -67,6 +67,7 @@ class OverflowIdle:
         self.last = now  # the latest checkout or checkin
         self.low = _UNSEEN  # the fewest idle connections seen in the current window
         self.surplus = 0  # connections known to be unneeded, not closed yet
+        self.closing = 0  # decided and not closed yet (an async close lets others check in)
 
     def checkout(self, idle: int) -> None:
         """A checkout begins while ``idle`` connections sit in the pool."""
@@ -76,15 +77,25 @@ class OverflowIdle:
         """A connection comes back while ``idle`` others sit in the pool and ``overflow`` are
         open beyond ``pool_size``: how many to close now, the returned one first (0: keep it).
 
-        At least one idle connection always stays (a caller waiting for one is served).
+        At least one idle connection always stays (a caller waiting for one is served), and
+        the pool never goes below ``pool_size``, counting the closes still under way; the pool
+        reports each finished close with :meth:`closed`.
         """
         self._seen(self.clock(), idle)
         surplus = self.surplus
-        if surplus <= 0 or overflow <= 0 or idle <= 0:
+        if surplus <= 0:
             return 0
-        close = min(surplus, overflow, idle)
-        self.surplus = surplus - close
+        above = overflow - self.closing  # open beyond pool_size once the closes under way end
+        close = min(surplus, above, idle)
+        if close <= 0:
+            return 0
+        self.surplus = min(surplus, above) - close
+        self.closing += close
         return close
+
+    def closed(self, count: int) -> None:
+        """``count`` of the connections :meth:`checkin` asked to close are closed (or gone)."""
+        self.closing -= count
 
     def _seen(self, now: float, idle: int) -> None:
         seconds = self.seconds

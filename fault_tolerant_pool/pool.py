@@ -364,22 +364,30 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
     def _shed_overflow(self, record: ConnectionPoolEntry) -> bool:
         """Close ``record`` and more idle ones if the pool held them unused for
         ``overflow_idle`` (see :mod:`fault_tolerant_pool.overflow`); whether it did."""
-        assert self._overflow_idle is not None
-        close = self._overflow_idle.checkin(self._pool.qsize(), self._overflow)
+        rule = self._overflow_idle
+        assert rule is not None
+        close = rule.checkin(self._pool.qsize(), self._overflow)
         if not close:
             return False
-        retire = self._fault_tolerance.counters.retire
-        for taken in range(close):
-            if taken:  # then idle ones, from the queue
-                try:
-                    record = self._pool.get(False)
-                except sqla_queue.Empty:
-                    break
+        records = [record]  # all taken at once: a close awaits, and others check in meanwhile
+        while len(records) < close:
             try:
-                record.close()
+                records.append(self._pool.get(False))
+            except sqla_queue.Empty:
+                break
+        retire = self._fault_tolerance.counters.retire
+        cancelled: BaseException | None = None
+        for victim in records:
+            try:
+                victim.close()
+            except BaseException as error:  # cancelled in an await: close the others first
+                cancelled = cancelled or error
             finally:
                 self._dec_overflow()
                 retire("overflow")
+        rule.closed(close)
+        if cancelled is not None:
+            raise cancelled
         return True
 
     def size(self) -> int:

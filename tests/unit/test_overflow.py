@@ -117,6 +117,35 @@ def test_the_budget_is_redrawn_each_window() -> None:
     assert rule.checkin(0, overflow=8) == 0
 
 
+def test_closes_under_way_count_against_the_overflow() -> None:
+    """An async close lets other checkins run before the pool's overflow count drops."""
+    clock = Clock()
+    rule = OverflowIdle(1.0, clock=clock)
+    rule.checkout(12)
+    clock.now += 2.0
+    rule.checkout(12)  # quiet: 12 surplus, 4 above pool_size
+    assert rule.checkin(11, overflow=4) == 4  # being closed; the overflow still reads 4
+    assert rule.checkin(7, overflow=4) == 0  # another task checks in meanwhile: nothing more
+    rule.closed(4)
+    assert rule.checkin(7, overflow=0) == 0
+
+
+def test_what_is_left_of_a_budget_never_reaches_below_pool_size_later() -> None:
+    clock = Clock()
+    rule = OverflowIdle(10.0, clock=clock)
+    rule.checkout(15)
+    clock.now += 10.0
+    rule.checkout(15)  # quiet: 15 surplus, 10 above pool_size
+    assert rule.checkin(14, overflow=10) == 10
+    rule.closed(10)
+    for _ in range(3):  # a burst opens 3 again, within the same window
+        clock.now += 0.01
+        rule.checkout(0)
+    for idle in range(3, 6):
+        clock.now += 0.01
+        assert rule.checkin(idle, overflow=3) == 0  # the quiet's budget was spent
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"), [(0, 0.0), ("0", 0.0), (30, 30.0), ("2.5", 2.5), (0.1, 0.1)]
 )
