@@ -6,6 +6,8 @@ asyncpg and psycopg (async). Setups:
 
 - ``stock``: SQLAlchemy's ``AsyncAdaptedQueuePool``;
 - ``ft``: ``FaultTolerantQueuePool`` with its defaults (``overflow_idle=30``);
+- ``ft_idle1``: ``overflow_idle=1``: the rule's windows end several times in a run (with the
+  default, a run shorter than 30 s never sees one end);
 - ``ft_idle0``: ``FaultTolerantQueuePool(overflow_idle=0)``, SQLAlchemy's closing rule: the
   churn goes through this project's connect path (retry loop, telemetry, liveness set-up).
 
@@ -17,9 +19,11 @@ setup once, in an order that rotates from round to round; ratios are taken round
 the ``stock`` run of the same round and summarised by their median [lowest, highest].
 
 Then the connect path's own cost per login: sequential ``engine.connect()`` through a NullPool
-(every checkout is a login), stock ``NullPool`` against ``FaultTolerantNullPool``, with the real
-servers (µs per login, best of the rounds), and with a DBAPI stand-in that connects instantly
-(the pure Python cost of the pool's connect path, µs per login).
+(every checkout is a login), stock ``NullPool`` against ``FaultTolerantNullPool``: with the real
+server (wall-clock µs per login and this process's CPU µs per login, the best of the rounds: a
+SCRAM login's wall time on a loaded machine varies by milliseconds, the client's CPU much less),
+and with a DBAPI stand-in that connects instantly (the pure Python cost of the pool's connect
+path, CPU µs per login).
 
     .venv/bin/python bench/churn.py [--rounds 5] [--seconds 3] [--warmup 1.5]
 """
@@ -42,7 +46,7 @@ from fault_tolerant_pool.testing import PostgresServer
 
 WORKERS = 20
 THINK = 0.010
-SETUPS = ("stock", "ft", "ft_idle0")
+SETUPS = ("stock", "ft", "ft_idle1", "ft_idle0")
 STAND_IN_RUNS = 40
 PID = sa.text("SELECT pg_backend_pid()")
 
@@ -51,6 +55,9 @@ def factories(url: str) -> dict[str, Callable[[], AsyncEngine]]:
     return {
         "stock": lambda: create_async_engine(url, poolclass=AsyncAdaptedQueuePool),
         "ft": lambda: create_async_engine(url, poolclass=FaultTolerantQueuePool),
+        "ft_idle1": lambda: create_async_engine(
+            url, poolclass=FaultTolerantQueuePool, overflow_idle=1
+        ),
         "ft_idle0": lambda: create_async_engine(
             url, poolclass=FaultTolerantQueuePool, overflow_idle=0
         ),
@@ -133,15 +140,18 @@ async def churn(
     return lines
 
 
-async def login_us(url: str, poolclass: type, logins: int) -> float:
+async def login_us(url: str, poolclass: type, logins: int) -> tuple[float, float]:
+    """µs per login: (wall clock, CPU of this process: the client side, driver and pool)."""
     engine = create_async_engine(url, poolclass=poolclass)
-    started = time.perf_counter()
+    async with engine.connect():
+        pass  # the dialect's first-connect initialisation, once
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(logins):
         async with engine.connect():
             pass
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await engine.dispose()
-    return elapsed / logins * 1e6
+    return elapsed / logins * 1e6, cpu / logins * 1e6
 
 
 class _Connection:
@@ -167,17 +177,20 @@ async def connect_path(server: PostgresServer, rounds: int) -> list[str]:
     lines = []
     for driver in ("asyncpg", "psycopg"):
         url = server.url(driver)
-        best: dict[str, float] = {}
+        wall: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         for round_ in range(rounds):
             order = list(pools.items())
             if round_ % 2:
                 order.reverse()
             for name, poolclass in order:
-                us = await login_us(url, poolclass, 200)
-                best[name] = min(best.get(name, us), us)
+                us, cpu_us = await login_us(url, poolclass, 200)
+                wall[name] = min(wall.get(name, us), us)
+                cpu[name] = min(cpu.get(name, cpu_us), cpu_us)
         lines.append(
-            f"{driver:8} login through a NullPool (µs, best of {rounds}): stock "
-            f"{best['stock']:.0f}, ft {best['ft']:.0f}, added {best['ft'] - best['stock']:+.0f}"
+            f"{driver:8} login through a NullPool (best of {rounds}): wall µs stock "
+            f"{wall['stock']:.0f}, ft {wall['ft']:.0f}; client CPU µs stock {cpu['stock']:.0f}, "
+            f"ft {cpu['ft']:.0f}, added {cpu['ft'] - cpu['stock']:+.0f}"
         )
     best = {}
     for _ in range(STAND_IN_RUNS):  # many short runs, the best of each: a lower bound
