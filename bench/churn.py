@@ -192,7 +192,7 @@ async def connect_path(server: PostgresServer, rounds: int) -> list[str]:
             f"{wall['stock']:.0f}, ft {wall['ft']:.0f}; client CPU µs stock {cpu['stock']:.0f}, "
             f"ft {cpu['ft']:.0f}, added {cpu['ft'] - cpu['stock']:+.0f}"
         )
-    best = {}
+    best: dict[str, float] = {}
     for _ in range(STAND_IN_RUNS):  # many short runs, the best of each: a lower bound
         for name, poolclass in pools.items():
             us = stand_in_us(poolclass, 2000)
