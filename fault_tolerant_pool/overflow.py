@@ -10,10 +10,11 @@ once the pool has held them unused for ``overflow_idle`` seconds.
 default) lends every idle connection in turn, so no single one ever looks idle under light
 load. The rule tracks the fewest connections that sat idle in the pool at any moment of a
 window of ``overflow_idle`` seconds; that many were not needed through the whole window, and
-that many overflow connections (at most) are closed at the following checkins. A pool that saw
-no checkout or checkin for a whole window held all its idle connections unused: the first
-checkin after the quiet closes every idle one above ``pool_size``. Nothing runs in the
-background: a pool that sees no traffic at all keeps its connections until its next checkin.
+that many overflow connections (at most) are closed at the following checkins, one per checkin.
+A pool that saw no checkout or checkin for a whole window held all its idle connections unused:
+the checkins after the quiet close the returned connections until the pool is back at
+``pool_size``. Nothing runs in the background: a pool that sees no traffic at all keeps its
+connections until its next checkins.
 """
 
 from __future__ import annotations
@@ -73,29 +74,31 @@ class OverflowIdle:
         """A checkout begins while ``idle`` connections sit in the pool."""
         self._seen(self.clock(), idle)
 
-    def checkin(self, idle: int, overflow: int) -> int:
+    def checkin(self, idle: int, overflow: int) -> bool:
         """A connection comes back while ``idle`` others sit in the pool and ``overflow`` are
-        open beyond ``pool_size``: how many to close now, the returned one first (0: keep it).
+        open beyond ``pool_size``: close it instead of keeping it?
 
-        At least one idle connection always stays (a caller waiting for one is served), and
-        the pool never goes below ``pool_size``, counting the closes still under way; the pool
-        reports each finished close with :meth:`closed`.
+        One close per checkin at most, paid by the caller returning it, as with SQLAlchemy's
+        rule (an asyncpg close waits for the server: closing ten at once made one checkin take
+        tens of milliseconds on a loaded machine). At least one idle connection always stays (a
+        caller waiting for one is served), and the pool never goes below ``pool_size``, counting
+        the closes still under way; the pool reports each finished close with :meth:`closed`.
         """
         self._seen(self.clock(), idle)
         surplus = self.surplus
-        if surplus <= 0:
-            return 0
+        if surplus <= 0 or idle <= 0:
+            return False
         above = overflow - self.closing  # open beyond pool_size once the closes under way end
-        close = min(surplus, above, idle)
-        if close <= 0:
-            return 0
-        self.surplus = min(surplus, above) - close
-        self.closing += close
-        return close
+        if above <= 0:
+            self.surplus = 0
+            return False
+        self.surplus = min(surplus, above) - 1
+        self.closing += 1
+        return True
 
-    def closed(self, count: int) -> None:
-        """``count`` of the connections :meth:`checkin` asked to close are closed (or gone)."""
-        self.closing -= count
+    def closed(self) -> None:
+        """A connection :meth:`checkin` chose is closed (or its close failed: it is gone)."""
+        self.closing -= 1
 
     def _seen(self, now: float, idle: int) -> None:
         seconds = self.seconds

@@ -23,7 +23,6 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
 from sqlalchemy.util import await_only
-from sqlalchemy.util import queue as sqla_queue
 
 from . import credentials as _credentials
 from . import timeouts
@@ -362,32 +361,18 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         super()._do_return_conn(record)
 
     def _shed_overflow(self, record: ConnectionPoolEntry) -> bool:
-        """Close ``record`` and more idle ones if the pool held them unused for
+        """Close ``record`` if the pool held more than ``pool_size`` unused for
         ``overflow_idle`` (see :mod:`fault_tolerant_pool.overflow`); whether it did."""
         rule = self._overflow_idle
         assert rule is not None
-        close = rule.checkin(self._pool.qsize(), self._overflow)
-        if not close:
+        if not rule.checkin(self._pool.qsize(), self._overflow):
             return False
-        records = [record]  # all taken at once: a close awaits, and others check in meanwhile
-        while len(records) < close:
-            try:
-                records.append(self._pool.get(False))
-            except sqla_queue.Empty:
-                break
-        retire = self._fault_tolerance.counters.retire
-        cancelled: BaseException | None = None
-        for victim in records:
-            try:
-                victim.close()
-            except BaseException as error:  # cancelled in an await: close the others first
-                cancelled = cancelled or error
-            finally:
-                self._dec_overflow()
-                retire("overflow")
-        rule.closed(close)
-        if cancelled is not None:
-            raise cancelled
+        try:
+            record.close()
+        finally:
+            self._dec_overflow()
+            rule.closed()
+            self._fault_tolerance.counters.retire("overflow")
         return True
 
     def size(self) -> int:

@@ -23,10 +23,18 @@ from fault_tolerant_pool.overflow import (
 from .fakes import Clock
 
 
-def cycle(rule: OverflowIdle, idle: int, overflow: int) -> int:
+def cycle(rule: OverflowIdle, idle: int, overflow: int) -> bool:
     """A checkout then its checkin with nothing else happening in between."""
     rule.checkout(idle)
     return rule.checkin(idle - 1 if idle else 0, overflow)
+
+
+def closes(rule: OverflowIdle, idle: int, overflow: int) -> bool:
+    """A checkin; a close it asks for is done at once."""
+    close = rule.checkin(idle, overflow)
+    if close:
+        rule.closed()
+    return close
 
 
 def test_nothing_closes_before_a_whole_window() -> None:
@@ -34,25 +42,23 @@ def test_nothing_closes_before_a_whole_window() -> None:
     rule = OverflowIdle(30.0, clock=clock)
     for _ in range(290):  # 29 s of light traffic: 14 of 15 always idle
         clock.now += 0.1
-        assert cycle(rule, 15, 10) == 0
+        assert not cycle(rule, 15, 10)
 
 
 def test_connections_idle_through_a_window_are_closed_down_to_the_peak() -> None:
     clock = Clock()
     rule = OverflowIdle(10.0, clock=clock)
-    closed = 0
-    idle = 15  # 15 open, at most 3 in use at once: 12 idle throughout
+    closed, idle = 0, 15  # 15 open, at most 3 in use at once: 12 idle throughout
     for _ in range(200):
         clock.now += 0.1
-        rule.checkout(idle)
-        rule.checkout(idle - 1)
-        rule.checkout(idle - 2)
-        n = rule.checkin(idle - 3, overflow=10 - closed)
-        closed += n
-        idle -= n
-        rule.checkin(idle - 2, overflow=10 - closed)
-        rule.checkin(idle - 1, overflow=10 - closed)
-    # 12 were idle through the first window; only the 10 above pool_size may close
+        for taken in range(3):
+            rule.checkout(idle - taken)
+        for taken in (3, 2, 1):
+            if closes(rule, idle - taken, overflow=10 - closed):
+                closed += 1
+                idle -= 1
+    # 12 were idle through the first window; only the 10 above pool_size may close, one per
+    # checkin: the 30 checkins after the window could close them all
     assert closed == 10
 
 
@@ -63,20 +69,24 @@ def test_steady_load_that_uses_every_connection_closes_none() -> None:
         clock.now += 0.01
         idle = 0 if step % 97 == 0 else int(draw() * 12)
         rule.checkout(idle)
-        assert rule.checkin(idle, overflow=10) == 0 or idle == 0
+        assert not rule.checkin(idle, overflow=10)
 
 
-def test_a_pool_quiet_for_a_window_closes_all_its_idle_overflow_at_the_next_checkin() -> None:
+def test_a_pool_quiet_for_a_window_shrinks_to_pool_size_at_the_next_checkins() -> None:
     clock = Clock()
     rule = OverflowIdle(30.0, clock=clock)
     rule.checkout(0)
-    assert rule.checkin(0, overflow=10) == 0  # busy: nothing idle
+    assert not rule.checkin(0, overflow=10)  # busy: nothing idle
     clock.now += 30.0  # no traffic at all
-    rule.checkout(15)
-    clock.now += 0.002
-    assert rule.checkin(14, overflow=10) == 10  # down to pool_size at once
+    overflow = 10
+    for idle in range(15, 5, -1):  # one request at a time: each checkin closes its connection
+        clock.now += 0.002
+        assert cycle(rule, idle, overflow)
+        rule.closed()
+        overflow -= 1
+    assert overflow == 0
     clock.now += 0.01
-    assert cycle(rule, 5, 0) == 0
+    assert not cycle(rule, 5, 0)
 
 
 def test_at_least_one_idle_connection_stays() -> None:
@@ -85,12 +95,12 @@ def test_at_least_one_idle_connection_stays() -> None:
     rule.checkout(4)
     clock.now += 1.0
     rule.checkout(4)  # the quiet window: 4 unused
-    assert rule.checkin(0, overflow=10) == 0  # none idle now: a waiter may want the returned one
-    assert rule.checkin(2, overflow=10) == 2  # the returned one and one idle; one stays
-    assert rule.checkin(1, overflow=10) == 1  # the returned one; the idle one stays
-    clock.now += 0.1
-    assert rule.checkin(3, overflow=10) == 1  # what is left of the 4, never more
-    assert rule.checkin(3, overflow=10) == 0
+    assert not closes(rule, 0, overflow=10)  # none idle: a waiter may want the returned one
+    assert closes(rule, 1, overflow=10)  # the returned one; the idle one stays
+    assert closes(rule, 3, overflow=9)
+    assert closes(rule, 3, overflow=8)
+    assert closes(rule, 3, overflow=7)
+    assert not closes(rule, 3, overflow=6)  # the 4 are closed, never more
 
 
 def test_never_below_pool_size() -> None:
@@ -99,8 +109,43 @@ def test_never_below_pool_size() -> None:
     rule.checkout(8)
     clock.now += 5.0
     rule.checkout(8)
-    assert rule.checkin(7, overflow=2) == 2
-    assert rule.checkin(7, overflow=0) == 0
+    assert closes(rule, 7, overflow=2)
+    assert closes(rule, 6, overflow=1)
+    assert not closes(rule, 5, overflow=0)
+
+
+def test_closes_under_way_count_against_the_overflow() -> None:
+    """An async close lets other checkins run before the pool's overflow count drops."""
+    clock = Clock()
+    rule = OverflowIdle(1.0, clock=clock)
+    rule.checkout(12)
+    clock.now += 2.0
+    rule.checkout(12)  # quiet: 12 surplus, 2 above pool_size
+    assert rule.checkin(11, overflow=2)  # being closed; the overflow still reads 2
+    assert rule.checkin(10, overflow=2)  # another task meanwhile: the second one
+    assert not rule.checkin(10, overflow=2)  # a third: none left above pool_size
+    rule.closed()
+    rule.closed()
+    assert not rule.checkin(10, overflow=0)
+
+
+def test_what_is_left_of_a_budget_never_reaches_below_pool_size_later() -> None:
+    clock = Clock()
+    rule = OverflowIdle(10.0, clock=clock)
+    rule.checkout(15)
+    clock.now += 10.0
+    rule.checkout(15)  # quiet: 15 surplus, 10 above pool_size
+    overflow = 10
+    for idle in range(14, 4, -1):
+        clock.now += 0.001
+        assert closes(rule, idle, overflow)
+        overflow -= 1
+    for _ in range(3):  # a burst opens 3 again, within the same window
+        clock.now += 0.01
+        rule.checkout(0)
+    for idle in range(3, 6):
+        clock.now += 0.01
+        assert not closes(rule, idle, overflow=3)  # the quiet's budget was spent
 
 
 def test_the_budget_is_redrawn_each_window() -> None:
@@ -110,40 +155,16 @@ def test_the_budget_is_redrawn_each_window() -> None:
     clock.now += 1.5
     rule.checkout(6)  # quiet: 6 surplus
     clock.now += 0.1
-    assert rule.checkin(1, overflow=10) == 1
-    clock.now += 1.0  # a window in which the fewest idle was 1
-    assert rule.checkin(1, overflow=9) == 1
-    clock.now += 0.5
-    assert rule.checkin(0, overflow=8) == 0
-
-
-def test_closes_under_way_count_against_the_overflow() -> None:
-    """An async close lets other checkins run before the pool's overflow count drops."""
-    clock = Clock()
-    rule = OverflowIdle(1.0, clock=clock)
-    rule.checkout(12)
-    clock.now += 2.0
-    rule.checkout(12)  # quiet: 12 surplus, 4 above pool_size
-    assert rule.checkin(11, overflow=4) == 4  # being closed; the overflow still reads 4
-    assert rule.checkin(7, overflow=4) == 0  # another task checks in meanwhile: nothing more
-    rule.closed(4)
-    assert rule.checkin(7, overflow=0) == 0
-
-
-def test_what_is_left_of_a_budget_never_reaches_below_pool_size_later() -> None:
-    clock = Clock()
-    rule = OverflowIdle(10.0, clock=clock)
-    rule.checkout(15)
-    clock.now += 10.0
-    rule.checkout(15)  # quiet: 15 surplus, 10 above pool_size
-    assert rule.checkin(14, overflow=10) == 10
-    rule.closed(10)
-    for _ in range(3):  # a burst opens 3 again, within the same window
-        clock.now += 0.01
-        rule.checkout(0)
-    for idle in range(3, 6):
-        clock.now += 0.01
-        assert rule.checkin(idle, overflow=3) == 0  # the quiet's budget was spent
+    assert closes(rule, 1, overflow=10)
+    clock.now += 1.0  # the window ends: the fewest idle in it was 1
+    assert closes(rule, 1, overflow=9)
+    assert not closes(rule, 1, overflow=8)  # that one is spent
+    clock.now += 1.0  # a window in which none was idle at some moment
+    rule.checkout(0)
+    clock.now += 0.1
+    assert not closes(rule, 0, overflow=8)
+    clock.now += 0.95
+    assert not closes(rule, 2, overflow=8)
 
 
 @pytest.mark.parametrize(
@@ -212,10 +233,13 @@ def test_overflow_is_kept_idle_and_the_counters_stay_true() -> None:
     assert FakeConnection.closed == 0
     assert pool.stats().size == 5 and pool.stats().checked_in == 15
     assert pool._limits() == (15, 15)
-    # a quiet window, then one request: back to pool_size
+    # a quiet window, then requests one at a time: each returned connection is closed
     clock.now += DEFAULT_OVERFLOW_IDLE
     pool.connect().close()
-    assert numbers(pool) == (5, 5, 0, 0)
+    assert numbers(pool) == (5, 14, 9, 0)
+    for _ in range(12):
+        pool.connect().close()
+    assert numbers(pool) == (5, 5, 0, 0)  # back to pool_size, and no further
     assert FakeConnection.closed == 10
     assert pool.stats().retired_overflow == 10
     # overflow opens again on demand, up to the limit
