@@ -5,8 +5,10 @@ invalidation, recycle or a failed pre-ping) through the callable built by
 ``Pool._should_wrap_creator``; wrapping it there is the connect half of the integration (retry,
 credentials). The checkout half is two hooks of the queue pool: ``_do_get`` hands the record
 taken from the queue to :class:`Upkeep` before SQLAlchemy lends it (lifetime, liveness), and
-``_do_return_conn`` asks it what to do with a returned one (lifetime, idle). The queue, events,
-pre-ping and recycle stay SQLAlchemy's.
+``_do_return_conn`` asks it what to do with a returned one (lifetime, idle). The queue holds up
+to ``pool_size + max_overflow`` idle connections, and :class:`OverflowIdle` tells at checkin when
+one above ``pool_size`` has been unneeded for ``overflow_idle``. The queue, events, pre-ping and
+recycle stay SQLAlchemy's.
 """
 
 from __future__ import annotations
@@ -422,9 +424,9 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
     """SQLAlchemy's ``NullPool`` (a new connection per checkout) with every connect retried.
 
     For PgBouncer: each checkout is a login to the bouncer, so the retry (and ``credentials``)
-    is the resilience. Works with sync and async engines. ``max_lifetime``, ``max_idle`` and the
-    liveness check are accepted and have nothing to do: every connection is new at checkout and
-    closed at checkin.
+    is the resilience. Works with sync and async engines. ``max_lifetime``, ``max_idle``,
+    ``overflow_idle`` and the liveness check are accepted and have nothing to do: every
+    connection is new at checkout and closed at checkin.
     """
 
     def __init__(
