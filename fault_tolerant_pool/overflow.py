@@ -98,7 +98,8 @@ class OverflowIdle:
 
     def closed(self) -> None:
         """A connection :meth:`checkin` chose is closed (or its close failed: it is gone)."""
-        self.closing -= 1
+        if self.closing > 0:
+            self.closing -= 1
 
     def _seen(self, now: float, idle: int) -> None:
         seconds = self.seconds
