@@ -26,6 +26,7 @@ and with a DBAPI stand-in that connects instantly (the pure Python cost of the p
 path, CPU µs per login).
 
     .venv/bin/python bench/churn.py [--rounds 5] [--seconds 3] [--warmup 1.5]
+    .venv/bin/python bench/churn.py --setups ft --rounds 1 --seconds 65 --skip-connect-path
 """
 
 from __future__ import annotations
@@ -106,16 +107,21 @@ async def load(engine: AsyncEngine, warmup: float, seconds: float) -> tuple[floa
 
 
 async def churn(
-    server: PostgresServer, driver: str, rounds: int, warmup: float, seconds: float
+    server: PostgresServer,
+    driver: str,
+    rounds: int,
+    warmup: float,
+    seconds: float,
+    setups: tuple[str, ...] = SETUPS,
 ) -> list[str]:
     make = factories(server.url(driver))
-    ops: dict[str, list[float]] = {name: [] for name in SETUPS}
-    logins: dict[str, list[float]] = {name: [] for name in SETUPS}
-    counted: dict[str, list[float]] = {name: [] for name in SETUPS}
-    peaks: dict[str, list[int]] = {name: [] for name in SETUPS}
+    ops: dict[str, list[float]] = {name: [] for name in setups}
+    logins: dict[str, list[float]] = {name: [] for name in setups}
+    counted: dict[str, list[float]] = {name: [] for name in setups}
+    peaks: dict[str, list[int]] = {name: [] for name in setups}
     for round_ in range(rounds):
-        shift = round_ % len(SETUPS)
-        for name in SETUPS[shift:] + SETUPS[:shift]:
+        shift = round_ % len(setups)
+        for name in setups[shift:] + setups[:shift]:
             engine = make[name]()
             first = sessions(server)
             throughput, new, peak = await load(engine, warmup, seconds)
@@ -127,11 +133,13 @@ async def churn(
             counted[name].append(sessions(server) - first)
             peaks[name].append(peak)
     lines = []
-    for name in SETUPS:
-        ratios = [ours / stock for ours, stock in zip(ops[name], ops["stock"], strict=True)]
+    for name in setups:
+        ratio = ""
+        if "stock" in ops:
+            ratios = [ours / stock for ours, stock in zip(ops[name], ops["stock"], strict=True)]
+            ratio = f"x{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
         lines.append(
-            f"{driver:8} {name:9} {statistics.median(ops[name]):9.0f} req/s "
-            f"x{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]   "
+            f"{driver:8} {name:9} {statistics.median(ops[name]):9.0f} req/s {ratio}   "
             f"logins/s {statistics.median(logins[name]):7.1f} "
             f"[{min(logins[name]):.1f}, {max(logins[name]):.1f}]   "
             f"sessions/run {statistics.median(counted[name]):6.0f}   "
@@ -210,11 +218,15 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--skip-connect-path", action="store_true")
+    parser.add_argument(
+        "--setups", default=",".join(SETUPS), help=f"comma-separated, of {', '.join(SETUPS)}"
+    )
     args = parser.parse_args()
+    setups = tuple(args.setups.split(","))
     lines = []
     with PostgresServer(max_connections=200) as server:
         for driver in ("asyncpg", "psycopg"):
-            lines += await churn(server, driver, args.rounds, args.warmup, args.seconds)
+            lines += await churn(server, driver, args.rounds, args.warmup, args.seconds, setups)
         if not args.skip_connect_path:
             lines += await connect_path(server, args.rounds)
     print(
