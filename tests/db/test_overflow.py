@@ -8,6 +8,7 @@ nothing above ``pool_size + max_overflow`` is ever open.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 from fault_tolerant_pool import FaultTolerantQueuePool
 from fault_tolerant_pool.testing import PostgresServer
 
-from .client import FLAVOURS, Client
+from .client import ASYNC_FLAVOURS, FLAVOURS, Client
 from .test_checkout import backends_settle, fill
 
 pytestmark = [pytest.mark.anyio, pytest.mark.db]
@@ -155,3 +156,31 @@ async def test_never_more_than_pool_size_plus_max_overflow_open(
     assert 3 <= most <= 7
     assert stats.retired_overflow >= 4  # the quiet spells shrank it, and bursts regrew it
     assert stats.connects - stats.retired_overflow <= 7
+
+
+@pytest.mark.parametrize("flavour", ASYNC_FLAVOURS)
+async def test_cancelled_while_the_pool_shrinks(pg_server: PostgresServer, flavour: str) -> None:
+    """Requests cancelled at random moments while their checkins close overflow connections:
+    no slot leaks, none is left open on the server."""
+    client = Client(
+        pg_server.url(flavour), flavour, poolclass=FaultTolerantQueuePool,
+        pool_size=3, max_overflow=12, overflow_idle=0.15, pool_timeout=10,
+    )  # fmt: skip
+    draw = random.Random(15).random
+    cancelled = 0
+    for _ in range(6):
+        await fill(client, 15, hold=0.02)
+        await asyncio.sleep(0.2)  # a quiet window: the next checkins close what they return
+        tasks = [asyncio.ensure_future(client.scalar()) for _ in range(15)]
+        await asyncio.sleep(0.002 + 0.02 * draw())
+        for task in tasks:
+            cancelled += task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    pool = client.pool
+    assert cancelled > 0 and client.stats().retired_overflow > 0
+    assert pool.checkedout() == 0, pool.status()
+    assert pool.checkedin() == pool.size() + pool.overflow(), pool.status()
+    # every slot can still be checked out at once
+    assert len(await asyncio.wait_for(fill(client, 15, hold=0.05), 10)) == 15
+    await client.dispose()
+    assert await backends_settle(pg_server, 0) == 0
