@@ -11,10 +11,12 @@ default) lends every idle connection in turn, so no single one ever looks idle u
 load. The rule tracks the fewest connections that sat idle in the pool at any moment of a
 window of ``overflow_idle`` seconds; that many were not needed through the whole window, and
 that many overflow connections (at most) are closed at the following checkins, one per checkin.
-A pool that saw no checkout or checkin for a whole window held all its idle connections unused:
-the checkins after the quiet close the returned connections until the pool is back at
-``pool_size``. Nothing runs in the background: a pool that sees no traffic at all keeps its
-connections until its next checkins.
+Only a checkin adds to the idle count (a checkout, a retirement or ``dispose()`` only take from
+it), so the fewest since the previous checkin is the count the next checkin finds: the rule
+looks at checkins only, and a checkout pays nothing. A pool that saw no checkin for a whole
+window held all the idle connections that a checkin finds unused all along: the checkins after
+the quiet close what they return until the pool is back at ``pool_size``. Nothing runs in the
+background: a pool that sees no traffic at all keeps its connections until its next checkins.
 """
 
 from __future__ import annotations
@@ -50,12 +52,11 @@ def queue_capacity(pool_size: int, max_overflow: int) -> int:
 
 
 class OverflowIdle:
-    """Tells, at checkin, how many connections above ``pool_size`` to close; the clock is
-    injectable.
+    """Tells, at checkin, whether to close the returned connection (one above ``pool_size``);
+    the clock is injectable.
 
-    The pool reports the count of idle connections before each checkout and each checkin (the
-    count that held since the previous one). Under threads the counts are approximate: at worst
-    a connection more or fewer is closed, and a closed one is opened again on demand.
+    Under threads the counts are approximate: at worst a connection more or fewer is closed,
+    and a closed one is opened again on demand.
     """
 
     __slots__ = ("clock", "closing", "last", "low", "seconds", "started", "surplus")
@@ -65,14 +66,10 @@ class OverflowIdle:
         self.clock = clock
         now = clock()
         self.started = now  # the current window began
-        self.last = now  # the latest checkout or checkin
+        self.last = now  # the latest checkin
         self.low = _UNSEEN  # the fewest idle connections seen in the current window
         self.surplus = 0  # connections known to be unneeded, not closed yet
         self.closing = 0  # decided and not closed yet (an async close lets others check in)
-
-    def checkout(self, idle: int) -> None:
-        """A checkout begins while ``idle`` connections sit in the pool."""
-        self._seen(self.clock(), idle)
 
     def checkin(self, idle: int, overflow: int) -> bool:
         """A connection comes back while ``idle`` others sit in the pool and ``overflow`` are
@@ -84,7 +81,20 @@ class OverflowIdle:
         caller waiting for one is served), and the pool never goes below ``pool_size``, counting
         the closes still under way; the pool reports each finished close with :meth:`closed`.
         """
-        self._seen(self.clock(), idle)
+        now = self.clock()
+        seconds = self.seconds
+        if now - self.last >= seconds:  # no checkin for a whole window: these sat unused
+            self.surplus = idle
+            self.started = now
+            self.low = _UNSEEN
+        else:
+            if idle < self.low:
+                self.low = idle
+            if now - self.started >= seconds:  # the fewest idle were not needed in the window
+                self.surplus = self.low
+                self.started = now
+                self.low = _UNSEEN
+        self.last = now
         surplus = self.surplus
         if surplus <= 0 or idle <= 0:
             return False
@@ -100,19 +110,3 @@ class OverflowIdle:
         """A connection :meth:`checkin` chose is closed (or its close failed: it is gone)."""
         if self.closing > 0:
             self.closing -= 1
-
-    def _seen(self, now: float, idle: int) -> None:
-        seconds = self.seconds
-        if now - self.last >= seconds:
-            # nothing happened for a whole window: these sat unused all along
-            self.surplus = idle
-            self.started = now
-            self.low = _UNSEEN
-        else:
-            if idle < self.low:
-                self.low = idle
-            if now - self.started >= seconds:
-                self.surplus = self.low
-                self.started = now
-                self.low = _UNSEEN
-        self.last = now

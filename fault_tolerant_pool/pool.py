@@ -171,6 +171,7 @@ class _FaultTolerantPool(Pool):
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
     _overflow_idle: OverflowIdle | None = None
+    _idle_count: Callable[[], int]
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -319,6 +320,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._overflow_idle = OverflowIdle(ft.overflow_idle)
             capacity = queue_capacity(self._pool_size, self._max_overflow)
             self._pool = self._queue_class(capacity, use_lifo=self._pool.use_lifo)
+            queue = getattr(self._pool, "queue", None)  # the sync queue's deque: no lock to count
+            self._idle_count = queue.__len__ if queue is not None else self._pool.qsize
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
@@ -326,8 +329,6 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
     def _do_get(self) -> ConnectionPoolEntry:
-        if self._overflow_idle is not None:
-            self._overflow_idle.checkout(self._pool.qsize())
         record = super()._do_get()
         upkeep = self._upkeep
         if upkeep is not None:
@@ -358,24 +359,21 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                     else:
                         super()._do_return_conn(record)
                 return
-        if self._overflow_idle is not None and self._shed_overflow(record):
+        rule = self._overflow_idle
+        if rule is not None and rule.checkin(self._idle_count(), self._overflow):
+            self._shed_overflow(record, rule)
             return
         super()._do_return_conn(record)
 
-    def _shed_overflow(self, record: ConnectionPoolEntry) -> bool:
-        """Close ``record`` if the pool held more than ``pool_size`` unused for
-        ``overflow_idle`` (see :mod:`fault_tolerant_pool.overflow`); whether it did."""
-        rule = self._overflow_idle
-        assert rule is not None
-        if not rule.checkin(self._pool.qsize(), self._overflow):
-            return False
+    def _shed_overflow(self, record: ConnectionPoolEntry, rule: OverflowIdle) -> None:
+        """Close ``record``: the pool held more than ``pool_size`` unused for ``overflow_idle``
+        (see :mod:`fault_tolerant_pool.overflow`)."""
         try:
             record.close()
         finally:
             self._dec_overflow()
             rule.closed()
             self._fault_tolerance.counters.retire("overflow")
-        return True
 
     def size(self) -> int:
         return self._pool_size

@@ -168,11 +168,15 @@ async def test_cancelled_while_the_pool_shrinks(pg_server: PostgresServer, flavo
     )  # fmt: skip
     draw = random.Random(15).random
     cancelled = 0
-    for _ in range(6):
+    async def requests() -> None:
+        for _ in range(5):
+            await client.scalar()
+
+    for _ in range(8):
         await fill(client, 15, hold=0.02)
         await asyncio.sleep(0.2)  # a quiet window: the next checkins close what they return
-        tasks = [asyncio.ensure_future(client.scalar()) for _ in range(15)]
-        await asyncio.sleep(0.002 + 0.02 * draw())
+        tasks = [asyncio.ensure_future(requests()) for _ in range(3)]
+        await asyncio.sleep(0.002 + 0.03 * draw())
         for task in tasks:
             cancelled += task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

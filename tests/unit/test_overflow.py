@@ -23,14 +23,8 @@ from fault_tolerant_pool.overflow import (
 from .fakes import Clock
 
 
-def cycle(rule: OverflowIdle, idle: int, overflow: int) -> bool:
-    """A checkout then its checkin with nothing else happening in between."""
-    rule.checkout(idle)
-    return rule.checkin(idle - 1 if idle else 0, overflow)
-
-
 def closes(rule: OverflowIdle, idle: int, overflow: int) -> bool:
-    """A checkin; a close it asks for is done at once."""
+    """A checkin finding ``idle`` others in the pool; a close it asks for is done at once."""
     close = rule.checkin(idle, overflow)
     if close:
         rule.closed()
@@ -42,24 +36,22 @@ def test_nothing_closes_before_a_whole_window() -> None:
     rule = OverflowIdle(30.0, clock=clock)
     for _ in range(290):  # 29 s of light traffic: 14 of 15 always idle
         clock.now += 0.1
-        assert not cycle(rule, 15, 10)
+        assert not closes(rule, 14, overflow=10)
 
 
 def test_connections_idle_through_a_window_are_closed_down_to_the_peak() -> None:
     clock = Clock()
     rule = OverflowIdle(10.0, clock=clock)
-    closed, idle = 0, 15  # 15 open, at most 3 in use at once: 12 idle throughout
+    closed, open_ = 0, 15  # at most 3 in use at once: 12 idle throughout
     for _ in range(200):
         clock.now += 0.1
-        for taken in range(3):
-            rule.checkout(idle - taken)
-        for taken in (3, 2, 1):
-            if closes(rule, idle - taken, overflow=10 - closed):
+        for in_use in (3, 2, 1):  # three requests come back, one after the other
+            if closes(rule, open_ - in_use, overflow=open_ - 5):
                 closed += 1
-                idle -= 1
+                open_ -= 1
     # 12 were idle through the first window; only the 10 above pool_size may close, one per
-    # checkin: the 30 checkins after the window could close them all
-    assert closed == 10
+    # checkin
+    assert closed == 10 and open_ == 5
 
 
 def test_steady_load_that_uses_every_connection_closes_none() -> None:
@@ -67,37 +59,32 @@ def test_steady_load_that_uses_every_connection_closes_none() -> None:
     rule = OverflowIdle(5.0, clock=clock)
     for step in range(20_000):  # 200 s; every second or so all 15 are in use at once
         clock.now += 0.01
-        idle = 0 if step % 97 == 0 else int(draw() * 12)
-        rule.checkout(idle)
+        idle = 0 if step % 97 == 0 else int(draw() * 14)
         assert not rule.checkin(idle, overflow=10)
 
 
 def test_a_pool_quiet_for_a_window_shrinks_to_pool_size_at_the_next_checkins() -> None:
     clock = Clock()
     rule = OverflowIdle(30.0, clock=clock)
-    rule.checkout(0)
     assert not rule.checkin(0, overflow=10)  # busy: nothing idle
-    clock.now += 30.0  # no traffic at all
+    clock.now += 30.0  # no traffic at all, then requests one at a time
     overflow = 10
-    for idle in range(15, 5, -1):  # one request at a time: each checkin closes its connection
+    for idle in range(14, 4, -1):  # each checkin closes its connection
         clock.now += 0.002
-        assert cycle(rule, idle, overflow)
-        rule.closed()
+        assert closes(rule, idle, overflow)
         overflow -= 1
-    assert overflow == 0
     clock.now += 0.01
-    assert not cycle(rule, 5, 0)
+    assert not closes(rule, 4, overflow)  # back at pool_size: kept
 
 
 def test_at_least_one_idle_connection_stays() -> None:
     clock = Clock()
     rule = OverflowIdle(1.0, clock=clock)
-    rule.checkout(4)
+    rule.checkin(4, overflow=10)
     clock.now += 1.0
-    rule.checkout(4)  # the quiet window: 4 unused
-    assert not closes(rule, 0, overflow=10)  # none idle: a waiter may want the returned one
-    assert closes(rule, 1, overflow=10)  # the returned one; the idle one stays
-    assert closes(rule, 3, overflow=9)
+    assert closes(rule, 4, overflow=10)  # quiet: 4 sat unused; the returned one is closed
+    assert not closes(rule, 0, overflow=9)  # none idle: a waiter may want the returned one
+    assert closes(rule, 1, overflow=9)  # the returned one; the idle one stays
     assert closes(rule, 3, overflow=8)
     assert closes(rule, 3, overflow=7)
     assert not closes(rule, 3, overflow=6)  # the 4 are closed, never more
@@ -106,9 +93,7 @@ def test_at_least_one_idle_connection_stays() -> None:
 def test_never_below_pool_size() -> None:
     clock = Clock()
     rule = OverflowIdle(1.0, clock=clock)
-    rule.checkout(8)
     clock.now += 5.0
-    rule.checkout(8)
     assert closes(rule, 7, overflow=2)
     assert closes(rule, 6, overflow=1)
     assert not closes(rule, 5, overflow=0)
@@ -118,11 +103,9 @@ def test_closes_under_way_count_against_the_overflow() -> None:
     """An async close lets other checkins run before the pool's overflow count drops."""
     clock = Clock()
     rule = OverflowIdle(1.0, clock=clock)
-    rule.checkout(12)
     clock.now += 2.0
-    rule.checkout(12)  # quiet: 12 surplus, 2 above pool_size
-    assert rule.checkin(11, overflow=2)  # being closed; the overflow still reads 2
-    assert rule.checkin(10, overflow=2)  # another task meanwhile: the second one
+    assert rule.checkin(12, overflow=2)  # quiet: 12 surplus; being closed, overflow still 2
+    assert rule.checkin(11, overflow=2)  # another task meanwhile: the second one
     assert not rule.checkin(10, overflow=2)  # a third: none left above pool_size
     rule.closed()
     rule.closed()
@@ -132,18 +115,13 @@ def test_closes_under_way_count_against_the_overflow() -> None:
 def test_what_is_left_of_a_budget_never_reaches_below_pool_size_later() -> None:
     clock = Clock()
     rule = OverflowIdle(10.0, clock=clock)
-    rule.checkout(15)
     clock.now += 10.0
-    rule.checkout(15)  # quiet: 15 surplus, 10 above pool_size
     overflow = 10
-    for idle in range(14, 4, -1):
+    for idle in range(15, 5, -1):  # quiet: 15 surplus, 10 above pool_size
         clock.now += 0.001
         assert closes(rule, idle, overflow)
         overflow -= 1
-    for _ in range(3):  # a burst opens 3 again, within the same window
-        clock.now += 0.01
-        rule.checkout(0)
-    for idle in range(3, 6):
+    for idle in range(3, 6):  # a burst opened 3 again, within the same window
         clock.now += 0.01
         assert not closes(rule, idle, overflow=3)  # the quiet's budget was spent
 
@@ -151,20 +129,19 @@ def test_what_is_left_of_a_budget_never_reaches_below_pool_size_later() -> None:
 def test_the_budget_is_redrawn_each_window() -> None:
     clock = Clock()
     rule = OverflowIdle(1.0, clock=clock)
-    rule.checkout(6)
     clock.now += 1.5
-    rule.checkout(6)  # quiet: 6 surplus
+    assert closes(rule, 6, overflow=10)  # quiet: 6 surplus
     clock.now += 0.1
-    assert closes(rule, 1, overflow=10)
-    clock.now += 1.0  # the window ends: the fewest idle in it was 1
     assert closes(rule, 1, overflow=9)
-    assert not closes(rule, 1, overflow=8)  # that one is spent
+    clock.now += 1.0  # the window ends: the fewest idle in it was 1
+    assert closes(rule, 1, overflow=8)
+    assert not closes(rule, 1, overflow=7)  # that one is spent
     clock.now += 1.0  # a window in which none was idle at some moment
-    rule.checkout(0)
-    clock.now += 0.1
-    assert not closes(rule, 0, overflow=8)
+    assert not closes(rule, 0, overflow=7)
     clock.now += 0.95
-    assert not closes(rule, 2, overflow=8)
+    assert not closes(rule, 2, overflow=7)
+    clock.now += 0.1  # a window in which 2 were idle throughout
+    assert closes(rule, 2, overflow=7)
 
 
 @pytest.mark.parametrize(
