@@ -171,7 +171,6 @@ class _FaultTolerantPool(Pool):
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
     _overflow_idle: OverflowIdle | None = None
-    _idle_count: Callable[[], int]
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -320,8 +319,6 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._overflow_idle = OverflowIdle(ft.overflow_idle)
             capacity = queue_capacity(self._pool_size, self._max_overflow)
             self._pool = self._queue_class(capacity, use_lifo=self._pool.use_lifo)
-            queue = getattr(self._pool, "queue", None)  # the sync queue's deque: no lock to count
-            self._idle_count = queue.__len__ if queue is not None else self._pool.qsize
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
@@ -360,7 +357,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                         super()._do_return_conn(record)
                 return
         rule = self._overflow_idle
-        if rule is not None and rule.checkin(self._idle_count(), self._overflow):
+        if rule is not None and rule.checkin(self._idle_now(), self._overflow):
             self._shed_overflow(record, rule)
             return
         super()._do_return_conn(record)
@@ -374,6 +371,10 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._dec_overflow()
             rule.closed()
             self._fault_tolerance.counters.retire("overflow")
+
+    def _idle_now(self) -> int:
+        """The idle connections in the queue (its deque's length: ``qsize()`` takes a lock)."""
+        return len(self._pool.queue)  # type: ignore[attr-defined]
 
     def size(self) -> int:
         return self._pool_size
@@ -416,6 +417,9 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
 
 class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool):
     """The asyncio flavour (asyncio queue); chosen for you by :class:`FaultTolerantQueuePool`."""
+
+    def _idle_now(self) -> int:
+        return self._pool.qsize()  # the asyncio queue's: no lock
 
 
 class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
