@@ -25,7 +25,7 @@ from .hosts import NOT_WRITABLE, HostRotation, Round
 from .policy import Backoff, RetryPolicy
 from .probe import Admission, Gate
 from .stats import ConnectCounters
-from .telemetry import PoolTelemetry, disabled
+from .telemetry import UNTRACED, ConnectTrace, PoolTelemetry, Untraced, disabled
 from .timeouts import AttemptTimer, release_frames, retire
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
@@ -114,10 +114,13 @@ class RetryingConnector:
         """With ``ping``: ping only while this is active (None: ping every new connection)."""
 
     def __call__(self, record: Any) -> Any:
-        with self.telemetry.connect() as trace:  # one span around every attempt and backoff
+        telemetry = self.telemetry
+        if not telemetry.active():  # only the API's no-op providers: nothing would be kept
+            return self._connect(record, UNTRACED)
+        with telemetry.connect() as trace:  # one span around every attempt and backoff
             return self._connect(record, trace)
 
-    def _connect(self, record: Any, trace: Any) -> Any:
+    def _connect(self, record: Any, trace: ConnectTrace | Untraced) -> Any:
         backoff = Backoff(self.policy, self.clock())
         timer = AttemptTimer(self.policy.attempt_timeout)
         credentials = self.credentials

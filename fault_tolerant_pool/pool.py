@@ -5,8 +5,10 @@ invalidation, recycle or a failed pre-ping) through the callable built by
 ``Pool._should_wrap_creator``; wrapping it there is the connect half of the integration (retry,
 credentials). The checkout half is two hooks of the queue pool: ``_do_get`` hands the record
 taken from the queue to :class:`Upkeep` before SQLAlchemy lends it (lifetime, liveness), and
-``_do_return_conn`` asks it what to do with a returned one (lifetime, idle). The queue, events,
-pre-ping and recycle stay SQLAlchemy's.
+``_do_return_conn`` asks it what to do with a returned one (lifetime, idle). The queue holds up
+to ``pool_size + max_overflow`` idle connections, and :class:`OverflowIdle` tells at checkin when
+one above ``pool_size`` has been unneeded for ``overflow_idle``. The queue, events, pre-ping and
+recycle stay SQLAlchemy's.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .lifetime import (
     LifetimePolicy,
 )
 from .liveness import DEFAULT_LIVENESS_CHECK, DEFAULT_PING_AFTER, LivenessPolicy
+from .overflow import DEFAULT_OVERFLOW_IDLE, OverflowIdle, overflow_idle_seconds, queue_capacity
 from .policy import (
     DEFAULT_ATTEMPT_TIMEOUT,
     DEFAULT_ATTEMPTS,
@@ -99,6 +102,8 @@ class FaultTolerance:
             self.doubt.raised()
     gate: Gate = field(default_factory=lambda: Gate(DEFAULT_DEADLINE), compare=False)
     """The pool's connect state: the probe, fail-fast, ``max_waiting`` (see :mod:`.probe`)."""
+    overflow_idle: float = DEFAULT_OVERFLOW_IDLE
+    """Seconds connections beyond ``pool_size`` may sit idle (0: SQLAlchemy's rule)."""
 
     @classmethod
     def from_arguments(
@@ -125,6 +130,7 @@ class FaultTolerance:
         ping_timeout: Any = DEFAULT_PING_TIMEOUT,
         fail_fast: Any = True,
         max_waiting: Any = None,
+        overflow_idle: Any = DEFAULT_OVERFLOW_IDLE,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
@@ -183,6 +189,7 @@ class FaultTolerance:
             liveness=LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
             secrets=secrets,
             gate=gate,
+            overflow_idle=overflow_idle_seconds(overflow_idle),
         )
 
 
@@ -243,6 +250,7 @@ class _FaultTolerantPool(Pool):
     replacing only then)."""
     _waiting_room: WaitingRoom | None = None
     """The gate's room when ``max_waiting`` is set: slot waiters count too."""
+    _overflow_idle: OverflowIdle | None = None
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -418,6 +426,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         fail_fast: bool = True,
         max_waiting: int | None = None,
+        overflow_idle: float = DEFAULT_OVERFLOW_IDLE,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -426,6 +435,11 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         if Upkeep.wanted(ft.lifetime, ft.liveness):
             self._upkeep = Upkeep(ft.lifetime, ft.liveness, ft.counters)
         QueuePool.__init__(self, creator, **kw)
+        self._pool_size = self._pool.maxsize
+        if ft.overflow_idle > 0 and self._pool_size > 0:  # keep overflow idle: a larger queue
+            self._overflow_idle = OverflowIdle(ft.overflow_idle)
+            capacity = queue_capacity(self._pool_size, self._max_overflow)
+            self._pool = self._queue_class(capacity, use_lifo=self._pool.use_lifo)
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
@@ -479,13 +493,40 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                     else:
                         super()._do_return_conn(record)
                 return
+        rule = self._overflow_idle
+        if rule is not None and rule.checkin(self._idle_now(), self._overflow):
+            self._shed_overflow(record, rule)
+            return
         super()._do_return_conn(record)
+
+    def _shed_overflow(self, record: ConnectionPoolEntry, rule: OverflowIdle) -> None:
+        """Close ``record``: the pool held more than ``pool_size`` unused for ``overflow_idle``
+        (see :mod:`fault_tolerant_pool.overflow`)."""
+        try:
+            record.close()
+        finally:
+            self._dec_overflow()
+            rule.closed()
+            self._fault_tolerance.counters.retire("overflow")
+
+    def _idle_now(self) -> int:
+        """The idle connections in the queue (its deque's length: ``qsize()`` takes a lock)."""
+        return len(self._pool.queue)  # type: ignore[attr-defined]
+
+    def size(self) -> int:
+        return self._pool_size
+
+    def overflow(self) -> int:
+        return self._overflow if self._pool_size else 0
+
+    def checkedout(self) -> int:
+        return self._pool_size - self._pool.qsize() + self._overflow
 
     def recreate(self) -> FaultTolerantQueuePool:
         self.logger.info("Pool recreating")
         return self.__class__(
             self._creator,
-            pool_size=self._pool.maxsize,
+            pool_size=self._pool_size,
             max_overflow=self._max_overflow,
             pre_ping=self._pre_ping,
             use_lifo=self._pool.use_lifo,
@@ -506,23 +547,26 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         return -1 < self._max_overflow <= self._overflow and self._pool.empty()
 
     def _limits(self) -> tuple[int | None, int | None]:
-        size = self._pool.maxsize
-        return (None if self._max_overflow < 0 else size + self._max_overflow), size
+        size = self._pool_size
+        most = None if self._max_overflow < 0 else size + self._max_overflow
+        return most, self._pool.maxsize or None  # the queue holds the idle ones (0: no limit)
 
 
 class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool):
     """The asyncio flavour (asyncio queue); chosen for you by :class:`FaultTolerantQueuePool`."""
 
     _sqla_logger_namespace = _stock_logger_name(AsyncAdaptedQueuePool)
+    def _idle_now(self) -> int:
+        return self._pool.qsize()  # the asyncio queue's: no lock
 
 
 class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
     """SQLAlchemy's ``NullPool`` (a new connection per checkout) with every connect retried.
 
     For PgBouncer: each checkout is a login to the bouncer, so the retry (and ``credentials``)
-    is the resilience. Works with sync and async engines. ``max_lifetime``, ``max_idle`` and the
-    liveness check are accepted and have nothing to do: every connection is new at checkout and
-    closed at checkin.
+    is the resilience. Works with sync and async engines. ``max_lifetime``, ``max_idle``,
+    ``overflow_idle`` and the liveness check are accepted and have nothing to do: every
+    connection is new at checkout and closed at checkin.
     """
 
     _sqla_logger_namespace = _stock_logger_name(NullPool)
@@ -550,6 +594,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         fail_fast: bool = True,
         max_waiting: int | None = None,
+        overflow_idle: float = DEFAULT_OVERFLOW_IDLE,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:

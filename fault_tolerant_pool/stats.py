@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .probe import GateFigures
 
 #: Why a pooled connection was closed by the pool before its time: see ``PoolStats.retired_*``.
-Retirement = Literal["lifetime", "idle", "liveness"]
+Retirement = Literal["lifetime", "idle", "liveness", "overflow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +83,8 @@ class PoolStats:
     """Callers waiting right now for the probe (and, with ``max_waiting``, for a slot)."""
     rejected_waiting: int = 0
     """Checkouts refused at once because ``max_waiting`` callers were already waiting."""
+    retired_overflow: int = 0
+    """Connections above ``pool_size`` closed after the pool held them idle ``overflow_idle``."""
 
 
 class CounterListener(Protocol):
@@ -120,7 +122,9 @@ class ConnectCounters:
         self.last_error: LastError | None = None
         self.credential_fetches = 0
         self.credential_refreshes = 0
-        self.retired: dict[Retirement, int] = {"lifetime": 0, "idle": 0, "liveness": 0}
+        self.retired: dict[Retirement, int] = {
+            "lifetime": 0, "idle": 0, "liveness": 0, "overflow": 0,
+        }  # fmt: skip
         self.listener: CounterListener | None = None
         self.demotions = 0
         self.ping_timeouts = 0
@@ -187,6 +191,7 @@ class ConnectCounters:
             retired_lifetime=self.retired["lifetime"],
             retired_idle=self.retired["idle"],
             retired_liveness=self.retired["liveness"],
+            retired_overflow=self.retired["overflow"],
             demotions=self.demotions,
             ping_timeouts=self.ping_timeouts,
         )

@@ -87,7 +87,7 @@ CONNECT_STATE_ATTRIBUTE = "fault_tolerant_pool.connect.state"
 CONNECT_STATES = ("healthy", "failing", "failing_fast", "recovering")
 
 #: Retirement reasons (the values of ``fault_tolerant_pool.retirement.reason``).
-RETIREMENT_REASONS = ("lifetime", "idle", "liveness")
+RETIREMENT_REASONS = ("lifetime", "idle", "liveness", "overflow")
 
 #: Histogram buckets in seconds: from an instant checkout (0.1 ms) to a long retry sequence.
 DURATION_BUCKETS = (
@@ -236,8 +236,8 @@ class _Instruments:
         )
         self.retirements = counter(
             RETIREMENTS, "{connection}",
-            "Connections closed by the pool because of their lifetime, idle time or a failed "
-            "liveness check, by fault_tolerant_pool.retirement.reason.",
+            "Connections closed by the pool because of their lifetime, idle time, a failed "
+            "liveness check or idle overflow, by fault_tolerant_pool.retirement.reason.",
         )  # fmt: skip
         meter.create_observable_up_down_counter(
             CONNECTION_COUNT, [self._observe_count], "{connection}",
@@ -686,7 +686,7 @@ class PoolTelemetry:
         self._instruments.outage_duration.record(seconds, self.attributes)
 
     def retired(self, reason: str) -> None:
-        """Count a connection the pool closed: ``reason`` is lifetime, idle or liveness."""
+        """Count a connection the pool closed (reason: lifetime, idle, liveness or overflow)."""
         attributes = self._retirement_attributes.get(reason)
         if attributes is None:
             raise ValueError(f"retirement reason must be one of {RETIREMENT_REASONS}: {reason!r}")
@@ -780,6 +780,33 @@ class ConnectTrace:
             span.set_attribute(ERROR_TYPE, kind)
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
 
+
+class Untraced:
+    """Stands in for :class:`ConnectTrace` when nothing listens (only the API's no-op
+    providers): a connect then starts no span and touches no instrument, which would drop it all.
+    """
+
+    __slots__ = ()
+
+    def attempt_failed(
+        self,
+        error: Exception,
+        verdict: Verdict,
+        *,
+        duration: float,
+        backoff: float | None,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        pass
+
+    def connected(self, elapsed: float) -> None:
+        pass
+
+    def gave_up(self, verdict: Verdict, error: BaseException) -> None:
+        pass
+
+
+UNTRACED = Untraced()
 
 _NO_TRACES = trace.NoOpTracerProvider()
 _NO_METRICS = metrics.NoOpMeterProvider()

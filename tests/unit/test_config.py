@@ -123,9 +123,11 @@ def test_checkout_settings_from_config_survive_dispose() -> None:
         "sqlalchemy.max_idle": "600",
         "sqlalchemy.liveness_check": "false",
         "sqlalchemy.liveness_ping_after": "none",
+        "sqlalchemy.overflow_idle": "12.5",
     }
     engine = sa.engine_from_config(config, poolclass=FaultTolerantQueuePool)
     ft = engine.pool._fault_tolerance  # type: ignore[attr-defined]
+    assert ft.overflow_idle == 12.5
     assert (ft.lifetime.max_lifetime, ft.lifetime.jitter, ft.lifetime.max_idle) == (1800, 0.1, 600)
     assert (ft.liveness.check, ft.liveness.ping_after) == (False, None)
     assert ft.credentials is not None and ft.credentials.name.endswith(".getcwd")
@@ -140,6 +142,7 @@ def test_checkout_defaults() -> None:
     lifetime = ft.lifetime
     assert (lifetime.max_lifetime, lifetime.jitter, lifetime.max_idle) == (None, 0.25, None)
     assert (ft.liveness.check, ft.liveness.ping_after) == (True, 1.0)
+    assert ft.overflow_idle == 30.0
 
 
 def test_credentials_need_an_engine() -> None:

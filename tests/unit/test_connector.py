@@ -343,3 +343,25 @@ def test_the_give_up_derives_from_the_dbapis_operational_error_else_its_error(
         connect(None)
     assert type(info.value).__mro__[2] is base
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+def test_no_span_is_started_when_nothing_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the API's no-op providers: the connect skips the telemetry (it would all be dropped);
+    with a listening provider the same connector traces it."""
+    clock, counters = Clock(), ConnectCounters()
+    connect = make(flaky([refused()], clock), clock, counters)
+    traced: list[object] = []
+    real = connect.telemetry.connect
+
+    def spy() -> Any:
+        traced.append(True)
+        return real()
+
+    monkeypatch.setattr(connect.telemetry, "connect", spy)
+    assert not connect.telemetry.active()
+    assert connect(None) == "connection"
+    assert traced == [] and counters.snapshot(0, 0, 0, 0).attempts == 2
+    monkeypatch.setattr(connect.telemetry, "_measuring", True)
+    connect.creator = flaky([], clock)
+    assert connect(None) == "connection"
+    assert traced == [True]

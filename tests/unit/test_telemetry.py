@@ -144,7 +144,8 @@ def test_the_telemetry_survives_dispose(poolclass: type) -> None:
     used = otel.value("db.client.connection.count", metrics, db__client__connection__state="used")
     assert used == 0
     idle_max = otel.value("db.client.connection.idle.max", metrics)
-    assert idle_max == (5 if poolclass is FaultTolerantQueuePool else 0)
+    # overflow connections are kept idle: pool_size 5 + max_overflow 10
+    assert idle_max == (15 if poolclass is FaultTolerantQueuePool else 0)
     otel.shutdown()
 
 
@@ -296,22 +297,32 @@ def test_pools_sharing_a_meter_provider_are_all_reported() -> None:
     ]  # fmt: skip
     metrics = otel.metrics()
     idle_max = "db.client.connection.idle.max"
-    assert otel.value(idle_max, metrics, db__client__connection__pool__name="a") == 5
-    assert otel.value(idle_max, metrics, db__client__connection__pool__name="b") == 9  # summed
+    # idle overflow is kept (pool_size + max_overflow of 10)
+    assert otel.value(idle_max, metrics, db__client__connection__pool__name="a") == 15
+    assert otel.value(idle_max, metrics, db__client__connection__pool__name="b") == 29  # summed
     del engines
     otel.shutdown()
 
 
 def test_no_max_is_reported_for_an_unbounded_pool() -> None:
     otel = Otel()
+    url = "postgresql+psycopg://u:pw@db/app"
     engine = sa.create_engine(
-        "postgresql+psycopg://u:pw@db/app", poolclass=FaultTolerantQueuePool, max_overflow=-1,
-        pool_size=3, **otel.engine_kw,
+        url, poolclass=FaultTolerantQueuePool, max_overflow=-1, pool_size=3, **otel.engine_kw,
     )  # fmt: skip
     metrics = otel.metrics()
     assert "db.client.connection.max" not in metrics
-    assert otel.value("db.client.connection.idle.max", metrics) == 3
+    assert "db.client.connection.idle.max" not in metrics  # idle overflow is kept, unbounded
     engine.dispose()
+    del engine
+    stock_rule = sa.create_engine(
+        url, poolclass=FaultTolerantQueuePool, max_overflow=-1, pool_size=3, overflow_idle=0,
+        **otel.engine_kw,
+    )  # fmt: skip
+    metrics = otel.metrics()
+    assert "db.client.connection.max" not in metrics
+    assert otel.value("db.client.connection.idle.max", metrics) == 3  # SQLAlchemy's rule
+    stock_rule.dispose()
     otel.shutdown()
 
 
