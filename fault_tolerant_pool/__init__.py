@@ -15,6 +15,7 @@ from .pool import (
     FaultTolerantNullPool,
     FaultTolerantQueuePool,
 )
+from .shutdown import PoolClosed, ShutdownReport, drain, shutdown
 from .stats import LastError, PoolStats
 
 __all__ = [
@@ -27,10 +28,14 @@ __all__ = [
     "FaultTolerantQueuePool",
     "FileCredentials",
     "LastError",
+    "PoolClosed",
     "PoolStats",
     "RdsIamCredentials",
     "RetryPolicy",
+    "ShutdownReport",
     "Verdict",
     "classify",
+    "drain",
+    "shutdown",
 ]
 __version__ = "0.1.0"

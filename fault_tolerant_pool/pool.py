@@ -5,8 +5,9 @@ invalidation, recycle or a failed pre-ping) through the callable built by
 ``Pool._should_wrap_creator``; wrapping it there is the connect half of the integration (retry,
 credentials). The checkout half is two hooks of the queue pool: ``_do_get`` hands the record
 taken from the queue to :class:`Upkeep` before SQLAlchemy lends it (lifetime, liveness), and
-``_do_return_conn`` asks it what to do with a returned one (lifetime, idle). The queue, events,
-pre-ping and recycle stay SQLAlchemy's.
+``_do_return_conn`` asks it what to do with a returned one (lifetime, idle, drain). With
+``leak_threshold`` set, ``connect`` and ``_do_return_conn`` tell the leak tracker too. The queue,
+events, pre-ping and recycle stay SQLAlchemy's.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
 from sqlalchemy.util import await_only
+from sqlalchemy.util import queue as sqla_queue
 
 from . import credentials as _credentials
-from . import timeouts
+from . import leaks, timeouts
 from .classify import Classifier
 from .connector import RetryingConnector
 from .credentials import CredentialSource
 from .endpoint import connect_arguments, endpoint_of, password_of
+from .leaks import DEFAULT_LEAK_THRESHOLD, LeakTracker
 from .lifetime import (
     DEFAULT_LIFETIME_JITTER,
     DEFAULT_MAX_IDLE,
@@ -45,6 +48,7 @@ from .policy import (
     DEFAULT_MAX_DELAY,
     RetryPolicy,
 )
+from .shutdown import PoolClosed, ShutdownReport, sever, wait_until
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
@@ -65,6 +69,8 @@ class FaultTolerance:
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     secrets: Callable[[], tuple[str, ...]] = field(default=tuple, compare=False)
     """The passwords known to the pool (URL, credentials), scrubbed from every message."""
+    leaks: LeakTracker | None = field(default=None, compare=False)
+    """The checkouts and their leak reports (``leak_threshold``), shared by recreated pools."""
 
     @classmethod
     def from_arguments(
@@ -87,6 +93,7 @@ class FaultTolerance:
         meter_provider: Any = None,
         retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: Any = False,
+        leak_threshold: Any = DEFAULT_LEAK_THRESHOLD,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
@@ -117,6 +124,7 @@ class FaultTolerance:
             secrets=secrets,
         )
         counters.listener = telemetry
+        threshold = leaks.leak_threshold(leak_threshold)
         return cls(
             policy=policy,
             telemetry=telemetry,
@@ -127,6 +135,7 @@ class FaultTolerance:
             lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
             liveness=LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
             secrets=secrets,
+            leaks=None if threshold is None else LeakTracker(threshold, counters),
         )
 
 
@@ -163,6 +172,8 @@ class _FaultTolerantPool(Pool):
     _fault_tolerance: FaultTolerance
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
+    _leaks: LeakTracker | None
+    _closed: PoolClosed | None
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -174,9 +185,13 @@ class _FaultTolerantPool(Pool):
             **{name: arguments[name] for name in POOL_ARGUMENTS},
         )
         self._telemetry = self._fault_tolerance.telemetry
+        self._leaks = self._fault_tolerance.leaks
+        self._closed = None
 
     def _install_credentials(self) -> None:
         """Called once SQLAlchemy's ``__init__`` has set the dialect."""
+        if self._leaks is not None:
+            self._leaks.use_loop(bool(self._dialect.is_async))
         if self._fault_tolerance.credentials is None:
             return
         if isinstance(self._dialect, _ConnDialect):
@@ -200,7 +215,7 @@ class _FaultTolerantPool(Pool):
             secrets=ft.secrets,
             credentials=credentials,
             in_loop=self._in_loop,
-            on_connect=self._connected if self._upkeep is not None else None,
+            on_connect=self._connected,  # a drain() may install an upkeep later
             ping=self._ping_new if ft.ping else None,
             discard=self._discard_new,
         )
@@ -221,18 +236,68 @@ class _FaultTolerantPool(Pool):
             upkeep.connected(record, self._dialect.get_driver_connection(connection))
 
     def connect(self) -> PoolProxiedConnection:
-        """SQLAlchemy's checkout, measured: wait time, pending requests, timeouts, slow spans."""
+        """SQLAlchemy's checkout, measured (wait time, pending requests, timeouts, slow spans),
+        refused once the pool is shut down, told to the leak tracker when there is one."""
+        if self._closed is not None:
+            raise self._closed
         telemetry = self._telemetry
         if not telemetry.active():  # only the API's no-op providers: nothing would be kept
-            return super().connect()
-        checkout = telemetry.checkout_started(self._would_wait())
-        try:
             connection = super().connect()
-        except BaseException as error:
-            telemetry.checkout_failed(checkout, error)
-            raise
-        telemetry.checked_out(checkout, connection)
+        else:
+            checkout = telemetry.checkout_started(self._would_wait())
+            try:
+                connection = super().connect()
+            except BaseException as error:
+                telemetry.checkout_failed(checkout, error)
+                raise
+            telemetry.checked_out(checkout, connection)
+        if self._leaks is not None:
+            record: Any = connection._connection_record
+            self._leaks.checked_out(record, record.fairy_ref)
         return connection
+
+    # -- drain and shutdown (see fault_tolerant_pool.shutdown) ------------------------------------
+
+    def drain(self) -> int:
+        """Replace every connection without failing a request: idle ones are closed now,
+        checked-out ones when they come back, and every later checkout gets a connection made
+        after this call. Returns how many idle connections were closed. In an async engine, call
+        ``await fault_tolerant_pool.drain(engine)``."""
+        return 0
+
+    def close(self, timeout: float = 30.0) -> ShutdownReport:
+        """Stop lending, wait up to ``timeout`` s for checked-out connections (each is closed as
+        it comes back), then close everything; stragglers are reported as leaks and their
+        sockets shut down. In an async engine, ``await fault_tolerant_pool.shutdown(engine)``."""
+        self._closed = PoolClosed(
+            "the pool is shut down: no new checkouts (engine.dispose() gives a fresh pool)"
+        )
+        self._refuse(self._closed)
+        out_at_start = self._gauges()[2]
+        started = time.monotonic()
+        wait_until(lambda: self._gauges()[2] <= 0, timeout, sleep=self._backoff_sleep)
+        waited = time.monotonic() - started
+        leaks = self._leaks
+        stragglers = leaks.stragglers() if leaks is not None else []
+        for record, entry in stragglers:
+            leaks.report_straggler(entry)  # type: ignore[union-attr]
+            driver_connection = record.driver_connection
+            if driver_connection is not None:
+                sever(driver_connection)
+        left = self._gauges()[2]
+        if left and not stragglers:
+            self.logger.warning(
+                "%d connection(s) still checked out when the pool shut down; they are closed "
+                "when returned (set leak_threshold to see who holds them)", left
+            )  # fmt: skip
+        self.dispose()
+        return ShutdownReport(
+            waited, out_at_start, max(left, len(stragglers)),
+            tuple(entry.holder for _, entry in stragglers),
+        )  # fmt: skip
+
+    def _refuse(self, refusal: PoolClosed) -> None:
+        """From now on no checkout is served, and returned connections are closed."""
 
     def _would_wait(self) -> bool:
         """Whether a checkout now must wait for a slot (no idle connection, none may be opened)."""
@@ -258,7 +323,9 @@ class _FaultTolerantPool(Pool):
 
     def stats(self) -> PoolStats:
         """A snapshot of what the pool did and holds; see :class:`PoolStats`."""
-        return self._fault_tolerance.counters.snapshot(*self._gauges())
+        leaks = self._leaks
+        oldest = None if leaks is None else leaks.oldest_age()
+        return self._fault_tolerance.counters.snapshot(*self._gauges(), oldest)
 
     def _gauges(self) -> tuple[int, int, int, int]:
         raise NotImplementedError
@@ -297,6 +364,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: bool = False,
+        leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -327,6 +395,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._telemetry.checked_in(record)
+        if self._leaks is not None:
+            self._leaks.checked_in(record)
         upkeep = self._upkeep
         if upkeep is not None:
             idle = self._pool.qsize() if upkeep.idle is not None else 0
@@ -343,6 +413,42 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                         super()._do_return_conn(record)
                 return
         super()._do_return_conn(record)
+
+    def drain(self) -> int:
+        self._upkeep_for_drain().drain()
+        return self._close_stale_idle()
+
+    def _refuse(self, refusal: PoolClosed) -> None:
+        self._upkeep_for_drain().close(refusal)
+        self._close_stale_idle()
+
+    def _upkeep_for_drain(self) -> Upkeep:
+        """The upkeep, installed now (with every rule off) on a pool that had none."""
+        if self._upkeep is None:
+            ft = self._fault_tolerance
+            self._upkeep = Upkeep(ft.lifetime, LivenessPolicy(check=False), ft.counters)
+        return self._upkeep
+
+    def _close_stale_idle(self) -> int:
+        """Close the idle connections made before the latest drain; their slots stay."""
+        upkeep = self._upkeep_for_drain()
+        taken = []
+        for _ in range(self._pool.qsize()):
+            try:
+                taken.append(self._pool.get(False))
+            except sqla_queue.Empty:
+                break
+        stale = [record for record in taken if upkeep.stale(record)]
+        for record in taken:
+            if not upkeep.stale(record):
+                QueuePool._do_return_conn(self, record)
+        for record in stale:
+            try:
+                self._fault_tolerance.counters.retire("drain")
+                record.close()
+            finally:
+                QueuePool._do_return_conn(self, record)  # the empty slot goes back
+        return len(stale)
 
     def recreate(self) -> FaultTolerantQueuePool:
         self.logger.info("Pool recreating")
@@ -405,6 +511,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
         retry_ping: bool = False,
+        leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -424,6 +531,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._telemetry.checked_in(record)
+        if self._leaks is not None:
+            self._leaks.checked_in(record)
         with self._checked_out_lock:
             self._checked_out -= 1
         NullPool._do_return_conn(self, record)

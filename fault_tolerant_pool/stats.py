@@ -1,7 +1,8 @@
 """What the pool did: counters written on the connect path only, read as an immutable snapshot.
 
-Besides the connect path, the counters are touched when credentials are fetched and when a
-connection is retired; an ordinary checkout or checkin writes nothing here.
+Besides the connect path, the counters are touched when credentials are fetched, when a
+connection is retired and when a leak is reported; an ordinary checkout or checkin writes nothing
+here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 #: Why a pooled connection was closed by the pool before its time: see ``PoolStats.retired_*``.
-Retirement = Literal["lifetime", "idle", "liveness"]
+Retirement = Literal["lifetime", "idle", "liveness", "drain"]
+#: What a leak report is about (see ``fault_tolerant_pool.leaks``).
+LeakKind = Literal["held", "reclaimed", "shutdown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,17 @@ class PoolStats:
     """Connections closed because the pool held more idle ones than it used for ``max_idle``."""
     retired_liveness: int = 0
     """Connections found dead at checkout and replaced before the caller saw them."""
+    retired_drain: int = 0
+    """Connections closed because ``drain()`` (or a shutdown) was called after they were made."""
+    leaks: int = 0
+    """Checkouts reported as held longer than ``leak_threshold`` (each once)."""
+    leaks_reclaimed: int = 0
+    """Connections never returned: reclaimed by SQLAlchemy's garbage-collector cleanup."""
+    leaks_at_shutdown: int = 0
+    """Connections still checked out when a shutdown's timeout ran out (closed, reported)."""
+    oldest_checkout_age: float | None = None
+    """Seconds the oldest connection now checked out has been out (0.0: none is); None when
+    ``leak_threshold`` is off (the pool then keeps no record of its checkouts)."""
 
 
 class CounterListener(Protocol):
@@ -65,6 +79,8 @@ class CounterListener(Protocol):
     def credentials_refreshed(self) -> None: ...
 
     def retired(self, reason: str) -> None: ...
+
+    def leaked(self, kind: str) -> None: ...
 
 
 class ConnectCounters:
@@ -79,6 +95,7 @@ class ConnectCounters:
         "failed_attempts",
         "give_ups",
         "last_error",
+        "leaks",
         "listener",
         "retired",
     )
@@ -92,7 +109,8 @@ class ConnectCounters:
         self.last_error: LastError | None = None
         self.credential_fetches = 0
         self.credential_refreshes = 0
-        self.retired: dict[Retirement, int] = {"lifetime": 0, "idle": 0, "liveness": 0}
+        self.retired: dict[Retirement, int] = {"lifetime": 0, "idle": 0, "liveness": 0, "drain": 0}
+        self.leaks: dict[LeakKind, int] = {"held": 0, "reclaimed": 0, "shutdown": 0}
         self.listener: CounterListener | None = None
 
     def attempt_failed(self, error_class: str, sqlstate: str | None) -> None:
@@ -126,7 +144,20 @@ class ConnectCounters:
         if self.listener is not None:
             self.listener.retired(reason)
 
-    def snapshot(self, size: int, checked_in: int, checked_out: int, overflow: int) -> PoolStats:
+    def leaked(self, kind: LeakKind) -> None:
+        with self._lock:
+            self.leaks[kind] += 1
+        if self.listener is not None:
+            self.listener.leaked(kind)
+
+    def snapshot(
+        self,
+        size: int,
+        checked_in: int,
+        checked_out: int,
+        overflow: int,
+        oldest_checkout_age: float | None = None,
+    ) -> PoolStats:
         return PoolStats(
             connects=self.connects,
             attempts=self.attempts,
@@ -142,4 +173,9 @@ class ConnectCounters:
             retired_lifetime=self.retired["lifetime"],
             retired_idle=self.retired["idle"],
             retired_liveness=self.retired["liveness"],
+            retired_drain=self.retired["drain"],
+            leaks=self.leaks["held"],
+            leaks_reclaimed=self.leaks["reclaimed"],
+            leaks_at_shutdown=self.leaks["shutdown"],
+            oldest_checkout_age=oldest_checkout_age,
         )

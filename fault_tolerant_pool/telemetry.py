@@ -77,9 +77,13 @@ CONNECT_FAILED_ATTEMPTS = "fault_tolerant_pool.connect.failed_attempts"
 CONNECT_GIVE_UPS = "fault_tolerant_pool.connect.give_ups"
 CREDENTIAL_REFRESHES = "fault_tolerant_pool.credential.refreshes"
 RETIREMENTS = "fault_tolerant_pool.connection.retirements"
+LEAKS = "fault_tolerant_pool.connection.leaks"
+LEAK_KIND = "fault_tolerant_pool.leak.kind"
 
 #: Retirement reasons (the values of ``fault_tolerant_pool.retirement.reason``).
-RETIREMENT_REASONS = ("lifetime", "idle", "liveness")
+RETIREMENT_REASONS = ("lifetime", "idle", "liveness", "drain")
+#: Leak report kinds (the values of ``fault_tolerant_pool.leak.kind``).
+LEAK_KINDS = ("held", "reclaimed", "shutdown")
 
 #: Histogram buckets in seconds: from an instant checkout (0.1 ms) to a long retry sequence.
 DURATION_BUCKETS = (
@@ -213,6 +217,11 @@ class _Instruments:
             RETIREMENTS, "{connection}",
             "Connections closed by the pool because of their lifetime, idle time or a failed "
             "liveness check, by fault_tolerant_pool.retirement.reason.",
+        )  # fmt: skip
+        self.leaks = counter(
+            LEAKS, "{connection}",
+            "Connections reported as leaked: held longer than leak_threshold, reclaimed by the "
+            "garbage collector, or still out at shutdown, by fault_tolerant_pool.leak.kind.",
         )  # fmt: skip
         meter.create_observable_up_down_counter(
             CONNECTION_COUNT, [self._observe_count], "{connection}",
@@ -581,6 +590,12 @@ class PoolTelemetry:
         self._instruments.retirements.add(
             1, {POOL_NAME: self.pool_name, RETIREMENT_REASON: reason}
         )
+
+    def leaked(self, kind: str) -> None:
+        """Count a leak report: ``kind`` is held, reclaimed or shutdown."""
+        if kind not in LEAK_KINDS:
+            raise ValueError(f"leak kind must be one of {LEAK_KINDS}: {kind!r}")
+        self._instruments.leaks.add(1, {POOL_NAME: self.pool_name, LEAK_KIND: kind})
 
 
 class ConnectTrace:
