@@ -68,6 +68,8 @@ def test_sqlalchemy_pool_arguments_still_reach_the_pool() -> None:
         ({"max_idle": "forever"}, "max_idle"),
         ({"liveness_check": "sometimes"}, "liveness_check"),
         ({"liveness_ping_after": -1}, "liveness_ping_after"),
+        ({"leak_threshold": 0}, "leak_threshold"),
+        ({"leak_threshold": "soon"}, "leak_threshold"),
     ],
 )
 def test_bad_settings_are_refused_at_engine_creation(
