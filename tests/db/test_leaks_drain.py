@@ -308,6 +308,7 @@ async def test_shutdown_with_everything_back_is_clean(
     held = asyncio.ensure_future(db.request(hold=0.3))
     await asyncio.sleep(0.1)
     report = await db.shutdown(5.0)
-    assert held.done() and report.clean and report.checked_out_at_start == 1
+    assert report.clean and report.checked_out_at_start == 1
     assert 0.1 <= report.waited <= 1.5
+    assert await held > 0  # returned (its close may finish just after the count drops)
     await db.dispose()
