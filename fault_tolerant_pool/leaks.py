@@ -26,6 +26,7 @@ from types import CodeType
 from typing import Any, Protocol
 
 import sqlalchemy
+from greenlet import getcurrent  # type: ignore[import-untyped]
 
 from .lifetime import optional_seconds
 from .stats import LeakKind
@@ -80,9 +81,7 @@ def capture_stack(greenlet_parent: Callable[[], Any] | None = None) -> Stack:
 
 
 def _greenlet_parent_frame() -> Any:
-    import greenlet  # type: ignore[import-untyped]
-
-    parent = greenlet.getcurrent().parent
+    parent = getcurrent().parent
     return None if parent is None else parent.gr_frame
 
 
@@ -152,30 +151,39 @@ class Site:
 class Checkout:
     """One connection out of the pool: since when, held by whom, checked out where."""
 
-    __slots__ = ("fairy", "holder", "reported", "stack", "started")
+    __slots__ = ("fairy", "holder_kind", "holder_name", "reported", "stack", "started")
 
-    def __init__(self, started: float, holder: str, stack: Stack, fairy: Any) -> None:
+    def __init__(self, started: float, holder: tuple[str, str], stack: Stack, fairy: Any) -> None:
         self.started = started
-        self.holder = holder
+        self.holder_kind, self.holder_name = holder
         self.stack = stack
         self.fairy = fairy
         """A weak reference to the connection SQLAlchemy lent (dead once it was reclaimed)."""
         self.reported = False
 
+    @property
+    def holder(self) -> str:
+        """``task 'name'`` or ``thread 'name'``."""
+        return f"{self.holder_kind} {self.holder_name!r}"
 
-def holder_in_loop() -> str:
-    """The asyncio task checking out (for async engines), else the thread."""
+
+def holder_in_loop() -> tuple[str, str]:
+    """(``task``, its name) for the asyncio task checking out, else (``thread``, its name)."""
     try:
-        task = asyncio.current_task()
-    except RuntimeError:
+        task = _current_task()
+    except RuntimeError:  # no event loop in this thread
         task = None
     if task is None:
         return holder_in_thread()
-    return f"task {task.get_name()!r}"
+    return "task", task.get_name()
 
 
-def holder_in_thread() -> str:
-    return f"thread {threading.current_thread().name!r}"
+def holder_in_thread() -> tuple[str, str]:
+    return "thread", _current_thread().name
+
+
+_current_task = asyncio.current_task
+_current_thread = threading.current_thread
 
 
 class LeakListener(Protocol):

@@ -1,7 +1,7 @@
 """Leak reports, drain() and graceful shutdown against a real PostgreSQL, all three flavours.
 
 - a connection held 1.5 s with ``leak_threshold=0.5`` in a named task (or thread): one WARNING
-  naming the holder and the checkout site, 0.5–1.0 s after the checkout, and one INFO when it
+  naming the holder and the checkout site, 0.5 to 1.0 s after the checkout, and one INFO when it
   comes back; none for short holds;
 - ``drain()`` under 10 workers: no failed request, every backend pid after it is new, and none of
   the old server connections is left;
