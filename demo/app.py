@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fault_tolerant_pool import ConnectRetriesExhausted, PoolStats
+from fault_tolerant_pool import ConnectRetriesExhausted, PoolClosed, PoolStats, shutdown
 
 from . import db
 from .embedded import EmbeddedDatabase
@@ -88,6 +88,8 @@ class DemoState:
             "errors": requests.errors,
             "in_flight": requests.in_flight,
             "slowest_ms": round(requests.take_slowest() * 1000, 1),
+            "oldest_checkout_s": _rounded(stats.oldest_checkout_age if stats else None),
+            "leaks": stats.leaks if stats else 0,
             "db": self.db_state,
         }
 
@@ -117,6 +119,11 @@ class DemoState:
                     "connect_attempts": stats.attempts,
                     "connect_failures": stats.failed_attempts,
                     "give_ups": stats.give_ups,
+                    "oldest_checkout_age": _rounded(stats.oldest_checkout_age),
+                    "leak_threshold": self.settings.leak_threshold,
+                    "leaks": stats.leaks,
+                    "leaks_reclaimed": stats.leaks_reclaimed,
+                    "leaks_at_shutdown": stats.leaks_at_shutdown,
                     "last_error": None if last is None else {
                         "class": last.error_class,
                         "sqlstate": last.sqlstate,
@@ -156,12 +163,24 @@ class DemoState:
         }
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
 def database_error_body(exc: BaseException) -> dict[str, Any]:
     """A 503 body that says what happened in terms of classes and SQLSTATEs, never messages.
 
     Driver messages can carry host names, user names or (before scrubbing) connection strings;
     the reason is built from structured fields only.
     """
+    if isinstance(exc, PoolClosed):
+        return {
+            "error": "database unavailable",
+            "reason": "shutting_down",
+            "detail": "the service is shutting down",
+            "error_class": type(exc).__name__,
+            "sqlstate": None,
+        }
     orig = getattr(exc, "orig", None)
     if isinstance(orig, ConnectRetriesExhausted):
         last = orig.last_error
@@ -277,6 +296,12 @@ def create_app(
             if state.restart_task is not None:
                 with contextlib.suppress(Exception):
                     await state.restart_task
+            # The README's lifespan recipe: uvicorn has let the in-flight requests finish; what
+            # still holds a connection gets shutdown_timeout seconds, then it is closed and
+            # reported as a leak (with its task and checkout site).
+            report = await shutdown(state.engine, settings.shutdown_timeout)
+            if not report.clean:
+                log.warning("shut down with %d connection(s) still out", report.stragglers)
             await state.engine.dispose()
 
     options: dict[str, Any] = {}
@@ -315,7 +340,9 @@ def create_app(
             {"error": "internal error", "error_class": type(exc).__name__}, status_code=500
         )
 
-    for error in (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError, *_raw_driver_errors()):
+    for error in (
+        sa.exc.DBAPIError, sa.exc.TimeoutError, OSError, PoolClosed, *_raw_driver_errors()
+    ):  # fmt: skip
         app.add_exception_handler(error, database_unavailable)
     app.add_exception_handler(Exception, internal_error)
 
@@ -373,6 +400,19 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
+
+    @app.post("/_demo/hold")
+    async def hold(
+        request: Request, seconds: float = Query(15.0, gt=0.0, le=60.0)
+    ) -> dict[str, Any]:
+        """Keep a connection checked out for ``seconds``: a slow request, or (past the pool's
+        leak_threshold) a leak report in the log and on the page."""
+        if request.headers.get(ADMIN_HEADER) != "hold":
+            raise HTTPException(403, f"send the header {ADMIN_HEADER}: hold")
+        if not _is_loopback(request.client.host if request.client else None):
+            raise HTTPException(403, "only from this machine")
+        with db_span("SELECT", None, server):
+            return {"held": await db.hold_connection(engine(), seconds)}
 
     if database is not None:
 

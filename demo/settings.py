@@ -25,6 +25,10 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "DEMO_CONNECT_TIMEOUT": "the driver's own timeout for one connect attempt, seconds (default 5)",
     "DEMO_STARTUP_TIMEOUT": "how long startup waits for the database to create the schema "
     "(default 60)",
+    "DEMO_LEAK_THRESHOLD": "leak_threshold of the pool: seconds a checkout may last before it is "
+    "reported as a leak (default 10)",
+    "DEMO_SHUTDOWN_TIMEOUT": "on Ctrl-C or SIGTERM, seconds in-flight requests and checked-out "
+    "connections get to finish (default 10)",
     "OTEL_SERVICE_NAME": "service name of traces and metrics (default fault-tolerant-pool-demo)",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "send traces over OTLP/HTTP there, e.g. http://jaeger:4318",
 }
@@ -76,6 +80,8 @@ class Settings:
     retry_deadline: float = 10.0
     connect_timeout: float = 5.0
     startup_timeout: float = 60.0
+    leak_threshold: float = 10.0
+    shutdown_timeout: float = 10.0
     service_name: str = "fault-tolerant-pool-demo"
     otlp_endpoint: str | None = None
 
@@ -94,6 +100,8 @@ class Settings:
             ("DEMO_RETRY_DEADLINE", self.retry_deadline),
             ("DEMO_CONNECT_TIMEOUT", self.connect_timeout),
             ("DEMO_STARTUP_TIMEOUT", self.startup_timeout),
+            ("DEMO_LEAK_THRESHOLD", self.leak_threshold),
+            ("DEMO_SHUTDOWN_TIMEOUT", self.shutdown_timeout),
         ):
             if not (math.isfinite(seconds) and seconds > 0):
                 raise SettingsError(f"{name} must be a positive number of seconds, got {seconds}")
@@ -114,6 +122,8 @@ class Settings:
             ("retry_deadline", "DEMO_RETRY_DEADLINE", float),
             ("connect_timeout", "DEMO_CONNECT_TIMEOUT", float),
             ("startup_timeout", "DEMO_STARTUP_TIMEOUT", float),
+            ("leak_threshold", "DEMO_LEAK_THRESHOLD", float),
+            ("shutdown_timeout", "DEMO_SHUTDOWN_TIMEOUT", float),
             ("service_name", "OTEL_SERVICE_NAME", str),
             ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", str),
         ):
