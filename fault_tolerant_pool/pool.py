@@ -442,12 +442,15 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         for record in taken:
             if not upkeep.stale(record):
                 QueuePool._do_return_conn(self, record)
-        for record in stale:
+        for index, record in enumerate(stale):
             try:
                 self._fault_tolerance.counters.retire("drain")
                 record.close()
-            finally:
-                QueuePool._do_return_conn(self, record)  # the empty slot goes back
+            except BaseException:  # cancelled, or no greenlet: no slot may be lost
+                for left in stale[index:]:
+                    QueuePool._do_return_conn(self, left)
+                raise
+            QueuePool._do_return_conn(self, record)  # the empty slot goes back
         return len(stale)
 
     def recreate(self) -> FaultTolerantQueuePool:
