@@ -111,6 +111,28 @@ TRANSIENT_MESSAGES: tuple[tuple[str, str | None], ...] = (
     ("query_wait_timeout", "08P01"),
     ("client_login_timeout", "08P01"),
     ("pooler is shutting down", "08P01"),
+    # libpq's target_session_attrs checks (psycopg): a host of the wrong kind, during a promotion
+    # (the old primary read-only, the standby not yet promoted). Transient: the next host, or the
+    # same host a moment later, may be the writer.
+    ("session is read-only", None),
+    ("session is not read-only", None),
+    ("server is in hot standby mode", None),
+    ("server is not in hot standby mode", None),
+)
+
+#: Driver exception classes (by name) of transient connect failures that carry no SQLSTATE.
+TRANSIENT_CLASSES: dict[str, str] = {
+    # asyncpg: every host answered and none matched target_session_attrs (no writable host yet).
+    "TargetServerAttributeNotMatched": "no host matched target_session_attrs",
+}
+
+#: Labels of the failures that mean "this host is not of the kind asked for" (no writer yet).
+NOT_MATCHING: tuple[str, ...] = (
+    "TargetServerAttributeNotMatched",
+    "session is read-only",
+    "session is not read-only",
+    "server is in hot standby mode",
+    "server is not in hot standby mode",
 )
 
 #: A user classifier: True (transient), False (permanent) or None (ask the built-in table).
@@ -185,6 +207,8 @@ def classify(exc: BaseException) -> Verdict:
     if code is not None:
         return Verdict(_sqlstate_is_transient(code), code, label)
     for link in chain:
+        if type(link).__name__ in TRANSIENT_CLASSES:
+            return Verdict(True, None, type(link).__name__)
         if isinstance(link, OSError):
             return Verdict(_os_error_is_transient(link), None, type(link).__name__)
         if type(link).__name__ == "TimeoutError":  # asyncio.TimeoutError on Python 3.10
@@ -197,6 +221,13 @@ def classify(exc: BaseException) -> Verdict:
     if transient is not None:
         return Verdict(True, transient[1], label)
     return Verdict(False, None, label)
+
+
+def not_matching(exc: BaseException) -> bool:
+    """Whether a connect failed because the host is not of the kind ``target_session_attrs``
+    asks for (read-only when a writer is wanted, and the like)."""
+    text = " ".join(type(link).__name__ + " " + str(link) for link in _chain(exc))
+    return any(fragment in text for fragment in NOT_MATCHING)
 
 
 def classify_with(classifier: Classifier | None, exc: BaseException) -> Verdict:

@@ -10,9 +10,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .classify import Classifier, Verdict, classify_with, innermost_class, sqlstate_of
+from .classify import (
+    Classifier,
+    Verdict,
+    classify_with,
+    innermost_class,
+    not_matching,
+    sqlstate_of,
+)
 from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer, withdraw
+from .doubt import Doubt
 from .errors import CredentialsError, exhausted_error, one_line, redact
+from .hosts import NOT_WRITABLE, HostRotation, Round
 from .policy import Backoff, RetryPolicy
 from .stats import ConnectCounters
 from .telemetry import PoolTelemetry, disabled
@@ -73,6 +82,9 @@ class RetryingConnector:
         on_connect: OnConnect | None = None,
         ping: Callable[[Any], object] | None = None,
         discard: Callable[[Any], object] | None = None,
+        hosts: HostRotation | None = None,
+        wants_writer: bool = False,
+        doubt: Doubt | None = None,
     ) -> None:
         self.creator = creator
         self.policy = policy
@@ -89,6 +101,10 @@ class RetryingConnector:
         self.on_connect = on_connect
         self.ping = ping
         self.discard = discard
+        self.hosts = hosts
+        self.wants_writer = wants_writer
+        self.doubt = doubt
+        """With ``ping``: ping only while this is active (None: ping every new connection)."""
 
     def __call__(self, record: Any) -> Any:
         with self.telemetry.connect() as trace:  # one span around every attempt and backoff
@@ -99,10 +115,15 @@ class RetryingConnector:
         timer = AttemptTimer(self.policy.attempt_timeout)
         credentials = self.credentials
         refreshed = False
+        hosts = self.hosts.round() if self.hosts is not None else None
         while True:
             secret: Secret | None = None
             started = self.clock()
-            timer.begin(started, backoff.remaining(started))
+            if hosts is None:
+                timer.begin(started, backoff.remaining(started))
+            else:  # a multi-host URL: one host per try, each with its own limit
+                timer.host = hosts.host
+                timer.begin(started, backoff.remaining(started), hosts.most())
             try:
                 if credentials is not None:
                     secret = credentials.get(
@@ -116,8 +137,23 @@ class RetryingConnector:
             except Exception as error:  # BaseException (cancellation) propagates untouched
                 verdict = classify_with(self.classifier, error)
                 self.counters.attempt_failed(innermost_class(error), verdict.sqlstate)
+                if self.doubt is not None:
+                    self.doubt.raised()
                 now = self.clock()
                 refresh: str | None = None
+                if (
+                    hosts is not None
+                    and verdict.transient
+                    and backoff.remaining(now) > 0
+                    and hosts.failed(NOT_WRITABLE if not_matching(error) else verdict.error_type)
+                ):
+                    # another host of this round is left: try it now, no backoff
+                    trace.attempt_failed(
+                        error, verdict, duration=now - started, backoff=0.0,
+                        secrets=self.secrets(),
+                    )  # fmt: skip
+                    self._log_attempt(error, verdict, backoff.failures + 1, 0.0, None, hosts)
+                    continue
                 if verdict.transient:
                     delay = backoff.next_delay(now, self.random)
                     if delay is not None and not timer.worth_another(
@@ -143,11 +179,11 @@ class RetryingConnector:
                 )  # fmt: skip
                 if delay is None:
                     trace.gave_up(verdict, error)
-                    failure = self._give_up(error, verdict, backoff, now)
+                    failure = self._give_up(error, verdict, backoff, now, hosts)
                     if failure is error:
                         raise
                     raise failure from error
-                self._log_attempt(error, verdict, backoff.failures, delay, refresh)
+                self._log_attempt(error, verdict, backoff.failures, delay, refresh, hosts)
                 if delay > 0:
                     self.sleep(delay)
             else:
@@ -157,6 +193,8 @@ class RetryingConnector:
                     # the next checkout throw this brand-new connection away (a login herd),
                     # and pool_recycle would count the outage as the connection's age.
                     record.starttime = time.time()
+                if hosts is not None:
+                    hosts.connected()
                 self.counters.connected()
                 trace.connected(backoff.elapsed(self.clock()))
                 if self.on_connect is not None:
@@ -170,7 +208,9 @@ class RetryingConnector:
         try:
             connection = self.creator(record)
             if self.ping is not None:
-                self._ping(connection)
+                doubt = self.doubt
+                if doubt is None or (doubt.until and doubt.active()):
+                    self._ping(connection)
             return connection
         except BaseException as error:  # cancelled too: what the attempt opened must close now
             release_frames(error)
@@ -197,17 +237,26 @@ class RetryingConnector:
             logger.debug("closing a connection made without the credentials failed", exc_info=True)
 
     def _log_attempt(
-        self, error: Exception, verdict: Verdict, attempt: int, delay: float, refresh: str | None
+        self,
+        error: Exception,
+        verdict: Verdict,
+        attempt: int,
+        delay: float,
+        refresh: str | None,
+        hosts: Round | None,
     ) -> None:
         if logger.isEnabledFor(logging.WARNING):
-            then = (
-                f"login refused: asking {refresh} again, retrying at once"
-                if refresh is not None
-                else f"retrying in {delay:.3f}s"
-            )
+            if refresh is not None:
+                then = f"login refused: asking {refresh} again, retrying at once"
+            elif hosts is not None and hosts.position:
+                then = f"trying the next host, {hosts.host}, now"
+            else:
+                then = f"retrying in {delay:.3f}s"
+            where = "" if hosts is None else f" at {hosts.failed_host}"
             logger.warning(
-                "connect attempt %d failed (%s, sqlstate=%s): %s; %s",
+                "connect attempt %d%s failed (%s, sqlstate=%s): %s; %s",
                 attempt,
+                where,
                 type(error).__name__,
                 verdict.sqlstate,
                 one_line(redact(str(error), self.secrets())),
@@ -215,7 +264,7 @@ class RetryingConnector:
             )
 
     def _give_up(
-        self, error: Exception, verdict: Verdict, backoff: Backoff, now: float
+        self, error: Exception, verdict: Verdict, backoff: Backoff, now: float, hosts: Round | None
     ) -> Exception:
         self.counters.gave_up()
         elapsed = backoff.elapsed(now)
@@ -247,4 +296,5 @@ class RetryingConnector:
             transient=verdict.transient,
             error_type=verdict.error_type,
             secrets=self.secrets(),
+            hosts="" if hosts is None else hosts.summary(self.wants_writer),
         )

@@ -85,6 +85,7 @@ def exhausted_error(
     transient: bool,
     error_type: str,
     secrets: tuple[str, ...] = (),
+    hosts: str = "",
 ) -> ConnectRetriesExhausted:
     """Build the DBAPI-level ``OperationalError`` for a connect that failed for good."""
     detail = one_line(redact(str(last_error), secrets)) or type(last_error).__name__
@@ -94,6 +95,8 @@ def exhausted_error(
         f"in {elapsed:.2f}s ({why}); last error {type(last_error).__name__} "
         f"[{error_type}]: {detail}"
     )
+    if hosts:
+        message += f"; {hosts}"
     operational = getattr(dbapi, "OperationalError", None)
     base = operational if isinstance(operational, type) else OSError
     error = _subclass_for(base)(message)

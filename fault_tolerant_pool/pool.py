@@ -13,6 +13,7 @@ events, pre-ping and recycle stay SQLAlchemy's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
@@ -27,11 +29,14 @@ from sqlalchemy.util import await_only
 from sqlalchemy.util import queue as sqla_queue
 
 from . import credentials as _credentials
-from . import leaks, timeouts
-from .classify import Classifier
+from . import leaks, timeouts, watchdog
+from .classify import Classifier, classify
 from .connector import RetryingConnector
 from .credentials import CredentialSource
+from .demotion import DemotionWatch
+from .doubt import Doubt, ping_mode
 from .endpoint import connect_arguments, endpoint_of, password_of
+from .hosts import HostRotation, wants_writer
 from .leaks import DEFAULT_LEAK_THRESHOLD, LeakTracker
 from .lifetime import (
     DEFAULT_LIFETIME_JITTER,
@@ -47,11 +52,13 @@ from .policy import (
     DEFAULT_INITIAL_DELAY,
     DEFAULT_MAX_DELAY,
     RetryPolicy,
+    _optional_seconds,
 )
 from .shutdown import PoolClosed, ShutdownReport, sever, wait_until
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
+from .watchdog import DEFAULT_PING_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -61,16 +68,39 @@ class FaultTolerance:
     policy: RetryPolicy
     telemetry: PoolTelemetry
     classifier: Classifier | None = None
-    ping: bool = False
-    """Ping each new connection inside the retry loop (``retry_ping``)."""
+    ping: bool | None = None
+    """Ping each new connection inside the retry loop (``retry_ping``): True always, False
+    never, None only while the pool has reason to doubt (see :mod:`.doubt`)."""
     counters: ConnectCounters = field(default_factory=ConnectCounters, compare=False)
     credentials: CredentialSource | None = field(default=None, compare=False)
     lifetime: LifetimePolicy = field(default_factory=LifetimePolicy)
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     secrets: Callable[[], tuple[str, ...]] = field(default=tuple, compare=False)
     """The passwords known to the pool (URL, credentials), scrubbed from every message."""
+    hosts: HostRotation | None = field(default=None, compare=False)
+    """A multi-host URL's hosts, tried one by one (see :mod:`.hosts`)."""
+    wants_writer: bool = False
+    """The URL asks for a writable server (``target_session_attrs``)."""
+    demotion: DemotionWatch | None = field(default=None, compare=False)
+    """Statement-time signals of a demoted writer (``demotion_check``)."""
+    doubt: Doubt = field(default_factory=Doubt, compare=False)
+    ping_timeout: float | None = DEFAULT_PING_TIMEOUT
     leaks: LeakTracker | None = field(default=None, compare=False)
     """The checkouts and their leak reports (``leak_threshold``), shared by recreated pools."""
+
+    def handle_error(self, context: Any) -> None:
+        """The engine's ``handle_error`` listener (the first one; the application's come after):
+        a demoted writer's error becomes a disconnect, and a disconnect or a connection-class
+        error raises the doubt that makes new connections pinged."""
+        connection = context.connection
+        if connection is not None and not context.is_disconnect:
+            with contextlib.suppress(Exception):  # closed meanwhile: nothing to mark
+                watchdog.suspect(connection.connection.info)
+        demotion = self.demotion
+        if demotion is not None:
+            demotion.handle_error(context)
+        if context.is_disconnect or classify(context.original_exception).transient:
+            self.doubt.raised()
 
     @classmethod
     def from_arguments(
@@ -92,7 +122,9 @@ class FaultTolerance:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
-        retry_ping: Any = False,
+        retry_ping: Any = "auto",
+        demotion_check: Any = True,
+        ping_timeout: Any = DEFAULT_PING_TIMEOUT,
         leak_threshold: Any = DEFAULT_LEAK_THRESHOLD,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
@@ -125,11 +157,21 @@ class FaultTolerance:
         )
         counters.listener = telemetry
         threshold = leaks.leak_threshold(leak_threshold)
+        writer = wants_writer(arguments)
+        demotion = (
+            DemotionWatch(writer, counters.demoted)
+            if _boolean("demotion_check", demotion_check)
+            else None
+        )
         return cls(
             policy=policy,
             telemetry=telemetry,
             classifier=retry_classifier,
-            ping=_boolean("retry_ping", retry_ping),
+            ping=ping_mode(retry_ping),
+            hosts=HostRotation.from_arguments(arguments),
+            wants_writer=writer,
+            demotion=demotion,
+            ping_timeout=_optional_seconds("ping_timeout", ping_timeout),
             counters=counters,
             credentials=source,
             lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
@@ -216,12 +258,17 @@ class _FaultTolerantPool(Pool):
             credentials=credentials,
             in_loop=self._in_loop,
             on_connect=self._connected,  # a drain() may install an upkeep later
-            ping=self._ping_new if ft.ping else None,
+            ping=self._ping_new if ft.ping is not False else None,
+            doubt=ft.doubt if ft.ping is None else None,
             discard=self._discard_new,
+            hosts=ft.hosts,
+            wants_writer=ft.wants_writer,
         )
 
     def _ping_new(self, dbapi_connection: Any) -> None:
-        dialect: Any = self._dialect  # a real dialect: retry_ping needs an engine's pool
+        dialect: Any = self._dialect
+        if self._fault_tolerance.ping is None and isinstance(dialect, _ConnDialect):
+            return  # "auto" in a pool built by hand around a bare creator: nothing to ping with
         dialect.do_ping(dbapi_connection)
 
     def _discard_new(self, dbapi_connection: Any) -> None:
@@ -231,9 +278,33 @@ class _FaultTolerantPool(Pool):
         return bool(self._dialect.is_async)
 
     def _connected(self, record: Any, connection: Any) -> None:
+        driver_connection = self._dialect.get_driver_connection(connection)
         upkeep = self._upkeep
         if upkeep is not None:
-            upkeep.connected(record, self._dialect.get_driver_connection(connection))
+            upkeep.connected(record, driver_connection)
+        demotion = self._fault_tolerance.demotion
+        if demotion is not None and record is not None:
+            demotion.connected(record.info, driver_connection)
+
+    def _install_failover(self) -> None:
+        """Called once SQLAlchemy's ``__init__`` has set the dialect: bound pings, and the
+        statement-time signals (demotion, doubt) through ``handle_error``."""
+        dialect = self._dialect
+        if isinstance(dialect, _ConnDialect):
+            return
+        ft = self._fault_tolerance
+        watchdog.install(dialect, ft.ping_timeout, ft.counters.ping_timed_out)
+        if not event.contains(dialect, "handle_error", ft.handle_error):
+            event.listen(dialect, "handle_error", ft.handle_error)
+        upkeep = self._upkeep
+        if upkeep is not None and ft.demotion is not None:
+            upkeep.demotion = ft.demotion
+            upkeep.invalidate_pool = self._invalidate_all
+
+    def _invalidate_all(self) -> None:
+        """Every connection made before now is replaced at its next checkout (as SQLAlchemy
+        does after a disconnect)."""
+        self._invalidate_time = time.time()
 
     def connect(self) -> PoolProxiedConnection:
         """SQLAlchemy's checkout, measured (wait time, pending requests, timeouts, slow spans),
@@ -363,7 +434,9 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         liveness_check: bool = DEFAULT_LIVENESS_CHECK,
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
-        retry_ping: bool = False,
+        retry_ping: bool | str = "auto",
+        demotion_check: bool = True,
+        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
@@ -376,6 +449,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
+        self._install_failover()
         if self._upkeep is not None and isinstance(self._dialect, _ConnDialect):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
@@ -513,7 +587,9 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         liveness_check: bool = DEFAULT_LIVENESS_CHECK,
         liveness_ping_after: float | None = DEFAULT_PING_AFTER,
         retry_attempt_timeout: float | None = DEFAULT_ATTEMPT_TIMEOUT,
-        retry_ping: bool = False,
+        retry_ping: bool | str = "auto",
+        demotion_check: bool = True,
+        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
         leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
@@ -525,6 +601,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         self._telemetry.bind(self)
         self._install_credentials()
         timeouts.install(self._dialect)
+        self._install_failover()
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)

@@ -60,6 +60,11 @@ class PoolStats:
     """Connections closed because the pool held more idle ones than it used for ``max_idle``."""
     retired_liveness: int = 0
     """Connections found dead at checkout and replaced before the caller saw them."""
+    demotions: int = 0
+    """Connections whose server turned read-only since they were made (a demoted writer):
+    each one invalidated the pool (see the README's Failover section)."""
+    ping_timeouts: int = 0
+    """Pings that got no answer within ``ping_timeout``: their connection was cut."""
     retired_drain: int = 0
     """Connections closed because ``drain()`` (or a shutdown) was called after they were made."""
     leaks: int = 0
@@ -92,11 +97,13 @@ class ConnectCounters:
         "connects",
         "credential_fetches",
         "credential_refreshes",
+        "demotions",
         "failed_attempts",
         "give_ups",
         "last_error",
         "leaks",
         "listener",
+        "ping_timeouts",
         "retired",
     )
 
@@ -112,6 +119,8 @@ class ConnectCounters:
         self.retired: dict[Retirement, int] = {"lifetime": 0, "idle": 0, "liveness": 0, "drain": 0}
         self.leaks: dict[LeakKind, int] = {"held": 0, "reclaimed": 0, "shutdown": 0}
         self.listener: CounterListener | None = None
+        self.demotions = 0
+        self.ping_timeouts = 0
 
     def attempt_failed(self, error_class: str, sqlstate: str | None) -> None:
         with self._lock:
@@ -137,6 +146,14 @@ class ConnectCounters:
             self.credential_refreshes += 1
         if self.listener is not None:
             self.listener.credentials_refreshed()
+
+    def demoted(self) -> None:
+        with self._lock:
+            self.demotions += 1
+
+    def ping_timed_out(self) -> None:
+        with self._lock:
+            self.ping_timeouts += 1
 
     def retire(self, reason: Retirement) -> None:
         with self._lock:
@@ -173,6 +190,8 @@ class ConnectCounters:
             retired_lifetime=self.retired["lifetime"],
             retired_idle=self.retired["idle"],
             retired_liveness=self.retired["liveness"],
+            demotions=self.demotions,
+            ping_timeouts=self.ping_timeouts,
             retired_drain=self.retired["drain"],
             leaks=self.leaks["held"],
             leaks_reclaimed=self.leaks["reclaimed"],

@@ -33,6 +33,8 @@ from typing import Any
 
 from sqlalchemy import event
 
+from .hosts import Host, narrow
+
 #: An attempt is never given less than this, even at the deadline: a server that answers at once
 #: can still be reached by the last attempt.
 MIN_ATTEMPT_TIMEOUT = 0.5
@@ -172,6 +174,8 @@ def _inject(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]
     """``do_connect`` listener: give this attempt the driver's connect timeout."""
     timer = _current.get()
     if timer is not None:
+        if timer.host is not None:
+            narrow(cparams, timer.host)
         rule = connect_timeout_for(dialect)
         if rule is not None:
             timer.told(rule, rule.apply(cparams, timer.limit))
@@ -193,10 +197,12 @@ class AttemptTimer:
     tells the timer what the driver was told (:meth:`told`).
     """
 
-    __slots__ = ("cap", "limit", "rule", "started", "waits")
+    __slots__ = ("cap", "host", "limit", "rule", "started", "waits")
 
     def __init__(self, cap: float | None) -> None:
         self.cap = cap
+        self.host: Host | None = None
+        """The one host of a multi-host URL this attempt goes to (see :mod:`.hosts`)."""
         self.started = 0.0
         self.limit = 0.0
         self.rule: ConnectTimeout | None = None
@@ -207,10 +213,11 @@ class AttemptTimer:
         limit = remaining if self.cap is None else min(self.cap, remaining)
         return max(limit, MIN_ATTEMPT_TIMEOUT)
 
-    def begin(self, now: float, remaining: float) -> float:
-        """An attempt starts now; returns its limit in seconds."""
+    def begin(self, now: float, remaining: float, most: float | None = None) -> float:
+        """An attempt starts now (taking at most ``most`` seconds, if given); returns its limit."""
         self.started = now
-        self.limit = self.limit_for(remaining)
+        limit = self.limit_for(remaining)
+        self.limit = limit if most is None else max(min(limit, most), MIN_ATTEMPT_TIMEOUT)
         self.waits = None
         return self.limit
 

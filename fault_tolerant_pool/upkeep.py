@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DisconnectionError
 
+from .demotion import DemotionWatch
 from .lifetime import IdleWindow, LifetimePolicy
 from .liveness import LivenessPolicy, Probe, probe_for
 from .stats import ConnectCounters, Retirement
@@ -76,6 +77,9 @@ class Upkeep:
         self.probing = liveness.check
         self.ping_after = liveness.ping_after if liveness.check else None
         self.idle = IdleWindow(lifetime.max_idle, clock()) if lifetime.max_idle else None
+        self.demotion: DemotionWatch | None = None
+        """Judges what the liveness ping learnt: a server demoted since the connect."""
+        self.invalidate_pool: Callable[[], None] = _nothing
         self.generation = 0
         """Bumped by :meth:`drain`; a connection of an older generation is not lent again."""
         self.closed: PoolClosed | None = None
@@ -131,8 +135,16 @@ class Upkeep:
             return
         ping_after = self.ping_after
         idle = now - life.last_used
-        if ping_after is not None and idle > ping_after and not _answers_ping(dialect, connection):
-            self._replace(record, f"no answer to a ping after {idle:.1f}s idle")
+        if ping_after is not None and idle > ping_after:
+            if not _answers_ping(dialect, connection):
+                self._replace(record, f"no answer to a ping after {idle:.1f}s idle")
+                return
+            demotion = self.demotion
+            if demotion is not None and demotion.judge(
+                record.info, dialect.get_driver_connection(connection), signal=False
+            ):
+                self.invalidate_pool()
+                self._replace(record, "its server turned read-only")
 
     def checkin(self, record: Any, idle: int) -> int:
         """``record`` comes back while ``idle`` others sit in the pool: KEEP, REPLACE or SHRINK.
@@ -173,6 +185,10 @@ class Upkeep:
         self.counters.retire("liveness")
         logger.info("replacing a dead pooled connection before checkout: %s", why)
         record.invalidate(DisconnectionError(f"liveness check: {why}"))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _answers_ping(dialect: Any, connection: Any) -> bool:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .bouncer import PgBouncer, find_pgbouncer
+    from .failover import multi_host_url
     from .proxy import FaultProxy
     from .server import (
         PostgresServer,
@@ -30,6 +31,7 @@ __all__ = [
     "ServerUnavailable",
     "find_pgbouncer",
     "find_postgres_bindir",
+    "multi_host_url",
 ]
 
 _HOMES = {
@@ -41,6 +43,7 @@ _HOMES = {
     "ServerError": ".server",
     "ServerUnavailable": ".server",
     "find_postgres_bindir": ".server",
+    "multi_host_url": ".failover",
 }
 
 

@@ -70,6 +70,29 @@ def pg_server_session() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def pg_standby(pg_server: PostgresServer) -> Iterator[PostgresServer]:
+    """A hot standby streaming from ``pg_server`` (``pg_basebackup -R``), running, destroyed after.
+
+    ``pg_standby.promote()`` makes it a primary; ``pg_server.set_read_only()`` demotes the
+    primary while it stays reachable; ``multi_host_url(driver, [pg_server, pg_standby])`` from
+    ``fault_tolerant_pool.testing`` reaches whichever of them is writable.
+    """
+    standby = _require(pg_server.standby)
+    try:
+        yield standby
+    finally:
+        standby.destroy()
+
+
+@pytest.fixture
+def pg_primary_standby(
+    pg_server: PostgresServer, pg_standby: PostgresServer
+) -> tuple[PostgresServer, PostgresServer]:
+    """The pair ``(primary, standby)``: ``pg_server`` and ``pg_standby``, destroyed after."""
+    return pg_server, pg_standby
+
+
+@pytest.fixture
 def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
     """A :class:`FaultProxy` in front of ``pg_server``; connect with ``pg_server.url(port=...)``."""
     from .proxy import FaultProxy

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +45,8 @@ _STOP_SIGNALS: dict[str, signal.Signals] = {
     "immediate": signal.SIGQUIT,
 }
 
-_READY_MARKER = "ready to accept connections"
+#: What the log says once a server accepts connections: a primary, then a hot standby.
+_READY_MARKERS = ("ready to accept connections", "ready to accept read-only connections")
 _LOG_TAIL_LINES = 30
 
 
@@ -529,6 +530,11 @@ class PostgresServer(ChildService):
     The port stays the same across restarts, so clients can reconnect to the same URL. Settings are
     passed to ``postgres`` as ``-c key=value``. Use it as a context manager, or call
     :meth:`destroy`; anything left running is killed when the interpreter exits.
+
+    With ``base_backup_of`` (a running server), the data directory is not a copy of the template
+    but a ``pg_basebackup -R`` of that server, so this one starts as its hot standby (see
+    :meth:`standby`, which also passes that server's user and password: a base backup has its
+    roles).
     """
 
     host = "127.0.0.1"
@@ -544,9 +550,11 @@ class PostgresServer(ChildService):
         port: int | None = None,
         bindir: Path | str | None = None,
         os_user: str = "postgres",
+        base_backup_of: PostgresServer | None = None,
     ) -> None:
         self.bindir = Path(bindir) if bindir is not None else find_postgres_bindir()
         self._owner = run_as(os_user)
+        self.os_user = os_user
         self.user = user
         self.password = password
         self.max_connections = max_connections
@@ -556,13 +564,27 @@ class PostgresServer(ChildService):
         self._lock = threading.RLock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
-        template = _template(self.bindir, self._owner, user, password)
+        #: The server this one was made a standby of (``None`` for a fresh cluster).
+        self.upstream = base_backup_of
+        template = (
+            _template(self.bindir, self._owner, user, password) if base_backup_of is None else None
+        )
         self.workdir = make_workdir("ftp-pg-", self._owner)
         registry.add_dir(self.workdir)
         self.datadir = self.workdir / "data"
-        shutil.copytree(template, self.datadir, symlinks=True)
-        self._owner.chown(self.datadir)
         self.log_path = self.workdir / "postgres.log"
+        if base_backup_of is None:
+            assert template is not None
+            shutil.copytree(template, self.datadir, symlinks=True)
+            self._owner.chown(self.datadir)
+            return
+        from .failover import base_backup
+
+        try:
+            base_backup(base_backup_of, self.datadir, self._owner)
+        except BaseException:
+            self.destroy()
+            raise
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -621,7 +643,7 @@ class PostgresServer(ChildService):
         watcher = LogWatcher(self.log_path, self._log_offset)
         deadline = time.monotonic() + timeout
         while True:
-            if watcher.seen(_READY_MARKER):
+            if any(watcher.seen(marker) for marker in _READY_MARKERS):
                 self.ready_at = time.monotonic()
                 return self.ready_at
             if proc.poll() is not None:
@@ -688,6 +710,107 @@ class PostgresServer(ChildService):
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
         return f"<PostgresServer {self.host}:{self.port} {state} {self.workdir}>"
+
+    # -- replication and failover ------------------------------------------------------------------
+
+    def standby(
+        self,
+        *,
+        max_connections: int | None = None,
+        settings: Mapping[str, str] | None = None,
+        port: int | None = None,
+        start: bool = True,
+        timeout: float = 60.0,
+    ) -> PostgresServer:
+        """A hot standby streaming from this running server, started (unless ``start=False``).
+
+        Made by ``pg_basebackup -R -X stream`` (fast checkpoint) into its own directory, on its own
+        port, with this server's user and password. It inherits ``max_connections`` and
+        ``settings`` (a standby needs at least the primary's ``max_connections``) and retries a
+        lost primary every 200 ms (``wal_retrieve_retry_interval``; PostgreSQL's default is 5 s),
+        so replication resumes promptly after the primary restarts. A restarted standby keeps
+        replicating (``standby.signal`` stays); after :meth:`promote` it starts as a primary.
+        """
+        if not self.is_running:
+            raise ServerError(f"server on port {self.port} is not running; cannot back it up")
+        merged = {"wal_retrieve_retry_interval": "200ms", **self.settings, **(settings or {})}
+        if max_connections is None:
+            max_connections = self.max_connections
+        standby = PostgresServer(
+            user=self.user,
+            password=self.password,
+            max_connections=max_connections,
+            settings=merged,
+            port=port,
+            bindir=self.bindir,
+            os_user=self.os_user,
+            base_backup_of=self,
+        )
+        if start:
+            try:
+                standby.start(timeout=timeout)
+            except BaseException:
+                standby.destroy()
+                raise
+        return standby
+
+    def is_in_recovery(self) -> bool:
+        """Whether the server is a standby (``pg_is_in_recovery()``)."""
+        return self.execute("SELECT pg_is_in_recovery()") == [("t",)]
+
+    def promote(self, wait: bool = True, timeout: float = 30.0) -> float:
+        """Promote this standby to a primary (``pg_promote()``); the seconds it took.
+
+        With ``wait``, returns once the server accepts writes (``pg_is_in_recovery()`` is false
+        in a new session); raises :class:`ServerError` if that takes longer than ``timeout``.
+        """
+        started = time.monotonic()
+        if not self.is_in_recovery():
+            raise ServerError(f"server on port {self.port} is not a standby; nothing to promote")
+        seconds = max(1, int(timeout))
+        rows = self.execute(f"SELECT pg_promote(wait => {'true' if wait else 'false'}, "
+                            f"wait_seconds => {seconds})")  # fmt: skip
+        if wait:
+            if rows != [("t",)]:
+                raise ServerError(
+                    f"server on port {self.port} did not finish promotion within {seconds} s; "
+                    f"log tail:\n{log_tail(self.log_path)}"
+                )
+            self._poll(lambda: not self.is_in_recovery(), "accept writes", started + timeout)
+        return time.monotonic() - started
+
+    def set_read_only(self, on: bool = True, timeout: float = 10.0) -> None:
+        """Turn the whole server read-only (or writable again) while it stays reachable.
+
+        ``ALTER SYSTEM SET default_transaction_read_only`` and ``pg_reload_conf()``, as an
+        operator or Patroni demotes a writer: new sessions start read-only, and existing ones
+        turn read-only at their next command (a write then fails with SQLSTATE 25006), which
+        PostgreSQL reports to clients as the ``default_transaction_read_only`` parameter status.
+        Returns once a new session sees the new value. Survives restarts (it is in
+        ``postgresql.auto.conf``); a standby made afterwards inherits it.
+        """
+        if "default_transaction_read_only" in self.settings:
+            raise ServerError(
+                "default_transaction_read_only is in this server's settings (a command-line "
+                "option, which ALTER SYSTEM cannot override); remove it to use set_read_only()"
+            )
+        value = "on" if on else "off"
+        self.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
+        self.execute("SELECT pg_reload_conf()")
+        self._poll(
+            lambda: self.execute("SHOW default_transaction_read_only") == [(value,)],
+            f"turn default_transaction_read_only {value}",
+            time.monotonic() + timeout,
+        )
+
+    def _poll(self, condition: Callable[[], bool], what: str, deadline: float) -> None:
+        while not condition():
+            if time.monotonic() >= deadline:
+                raise ServerError(
+                    f"server on port {self.port} did not {what} in time; "
+                    f"log tail:\n{log_tail(self.log_path)}"
+                )
+            time.sleep(0.01)
 
     # -- addresses ---------------------------------------------------------------------------------
 

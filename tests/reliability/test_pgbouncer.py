@@ -3,8 +3,10 @@ resumed, and PostgreSQL restarted behind it. Requests ride through within the re
 
 Every checkout is a new login to PgBouncer. PgBouncer accepts logins while PostgreSQL is down
 and answers the first statement with 08P01 "server login has been failing, try again later
-(server_login_retry)"; ``retry_ping=True`` makes the pool find that out inside the retry loop,
-where it is retried, instead of in the application's first statement.
+(server_login_retry)". With the defaults (``retry_ping="auto"``) the pool pings new connections
+while it has reason to doubt (a failed attempt, or a statement that met a disconnect or a
+connection error, in the last 10 s), so it finds that out inside the retry loop, where it is
+retried, instead of in the application's first statement.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ async def test_pgbouncer_restart_pause_and_postgres_restart(
     assert pgbouncer.pool_mode == "transaction" and pgbouncer.server_login_retry == 1
     attempts = Attempts()
     client = Client(
-        pgbouncer.url(flavour), flavour, poolclass=FaultTolerantNullPool, retry_ping=True,
+        pgbouncer.url(flavour), flavour, poolclass=FaultTolerantNullPool,
         retry_deadline=DEADLINE, retry_classifier=attempts, connect_args=RECIPES[flavour],
     )  # fmt: skip
     async with Load(client, WORKERS, "SELECT 1", pause=0.005) as load:

@@ -71,9 +71,12 @@ def test_a_cancelled_ping_discards_the_connection() -> None:
 
 
 @pytest.mark.parametrize("poolclass", [FaultTolerantQueuePool, FaultTolerantNullPool])
-def test_setting_is_off_by_default_coerced_and_kept(poolclass: type) -> None:
+def test_setting_is_auto_by_default_coerced_and_kept(poolclass: type) -> None:
     engine = sa.create_engine(URL, poolclass=poolclass)
-    assert engine.pool._fault_tolerance.ping is False  # type: ignore[attr-defined]
+    assert engine.pool._fault_tolerance.ping is None  # type: ignore[attr-defined]
+    assert engine.pool._invoke_creator.doubt is not None  # type: ignore[attr-defined]
+    engine = sa.create_engine(URL, poolclass=poolclass, retry_ping="false")
+    assert engine.pool._invoke_creator.ping is None  # type: ignore[attr-defined]
     config = {"sqlalchemy.url": URL, "sqlalchemy.retry_ping": "true"}
     engine = sa.engine_from_config(config, poolclass=poolclass)
     engine.dispose()
