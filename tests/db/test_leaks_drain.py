@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,6 +187,34 @@ async def test_a_held_connection_is_reported_once_with_holder_and_site(
     assert len(infos) == 1 and f"of {holder} returned after 1.5" in infos[0][1]
     assert infos[0][0] - started >= 1.5
     assert stats.leaks == 1 and stats.leaks_reclaimed == 0
+
+
+@pytest.mark.parametrize("flavour", ["asyncpg", "psycopg"])
+async def test_a_connection_never_returned_is_reported_when_reclaimed(
+    pg_server_session: PostgresServer, flavour: str, leak_log: Recorder
+) -> None:
+    db = Db(pg_server_session, flavour, poolclass=FaultTolerantQueuePool, leak_threshold=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SQLAlchemy's own "garbage collector" warning
+        await forget_a_connection(db)
+        gc.collect()
+        await asyncio.sleep(0.05)
+    stats = db.engine.pool.stats()
+    await db.dispose()
+    (warning,) = leak_log.at(logging.WARNING)
+    assert "never returned; reclaimed by the garbage collector" in warning[1]
+    assert "in forget_a_connection" in warning[1]
+    assert stats.leaks_reclaimed == 1 and stats.leaks == 0 and stats.checked_out == 0
+
+
+async def forget_a_connection(db: Db) -> None:
+    if db.async_engine is not None:
+        conn = await db.async_engine.connect()
+        await conn.execute(PID)
+    else:
+        sync = db.engine.connect()
+        sync.execute(PID)
+    # dropped here without close(): a leak only the garbage collector ends
 
 
 async def test_oldest_checkout_age_in_stats(pg_server_session: PostgresServer) -> None:
