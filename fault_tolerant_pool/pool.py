@@ -54,7 +54,7 @@ from .policy import (
     RetryPolicy,
     _optional_seconds,
 )
-from .shutdown import PoolClosed, ShutdownReport, sever, wait_until
+from .shutdown import PoolClosed, ShutdownReport, close_pool
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
@@ -231,7 +231,8 @@ class _FaultTolerantPool(Pool):
         self._closed = None
 
     def _install_credentials(self) -> None:
-        """Called once SQLAlchemy's ``__init__`` has set the dialect."""
+        """Called once SQLAlchemy's ``__init__`` has set the dialect (which also tells the leak
+        tracker how to watch: on the event loop or from a thread)."""
         if self._leaks is not None:
             self._leaks.use_loop(bool(self._dialect.is_async))
         if self._fault_tolerance.credentials is None:
@@ -340,35 +341,15 @@ class _FaultTolerantPool(Pool):
         """Stop lending, wait up to ``timeout`` s for checked-out connections (each is closed as
         it comes back), then close everything; stragglers are reported as leaks and their
         sockets shut down. In an async engine, ``await fault_tolerant_pool.shutdown(engine)``."""
-        self._closed = PoolClosed(
-            "the pool is shut down: no new checkouts (engine.dispose() gives a fresh pool)"
-        )
-        self._refuse(self._closed)
-        out_at_start = self._gauges()[2]
-        started = time.monotonic()
-        wait_until(lambda: self._gauges()[2] <= 0, timeout, sleep=self._backoff_sleep)
-        waited = time.monotonic() - started
-        leaks = self._leaks
-        stragglers = leaks.stragglers() if leaks is not None else []
-        for record, entry in stragglers:
-            leaks.report_straggler(entry)  # type: ignore[union-attr]
-            driver_connection = record.driver_connection
-            if driver_connection is not None:
-                sever(driver_connection)
-        left = self._gauges()[2]
-        if left and not stragglers:
-            self.logger.warning(
-                "%d connection(s) still checked out when the pool shut down; they are closed "
-                "when returned (set leak_threshold to see who holds them)", left
-            )  # fmt: skip
-        self.dispose()
-        return ShutdownReport(
-            waited, out_at_start, max(left, len(stragglers)),
-            tuple(entry.holder for _, entry in stragglers),
-        )  # fmt: skip
+        return close_pool(self, timeout, sleep=self._backoff_sleep)
+
+    def _out_now(self) -> int:
+        return self._gauges()[2]
 
     def _refuse(self, refusal: PoolClosed) -> None:
-        """From now on no checkout is served, and returned connections are closed."""
+        """From now on no checkout is served (``refusal`` is raised), and returned connections
+        are closed."""
+        self._closed = refusal
 
     def _would_wait(self) -> bool:
         """Whether a checkout now must wait for a slot (no idle connection, none may be opened)."""
@@ -493,6 +474,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         return self._close_stale_idle()
 
     def _refuse(self, refusal: PoolClosed) -> None:
+        self._closed = refusal
         self._upkeep_for_drain().close(refusal)
         self._close_stale_idle()
 

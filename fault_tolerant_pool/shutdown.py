@@ -23,12 +23,15 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
+
+if TYPE_CHECKING:
+    from .leaks import LeakTracker
 
 logger = logging.getLogger("fault_tolerant_pool.shutdown")
 
@@ -123,6 +126,58 @@ def _socket_fd(driver_connection: Any) -> int | None:
         return None
     except Exception:  # a driver's own "connection is closed"
         return None
+
+
+class Closable(Protocol):
+    """What :func:`close_pool` needs of a pool."""
+
+    _leaks: LeakTracker | None
+
+    def _refuse(self, refusal: PoolClosed) -> None: ...
+
+    def _out_now(self) -> int: ...
+
+    def dispose(self) -> None: ...
+
+
+def close_pool(
+    pool: Closable,
+    timeout: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ShutdownReport:
+    """The shutdown of one pool: refuse, wait, report and sever the stragglers, dispose."""
+    pool._refuse(
+        PoolClosed("the pool is shut down: no new checkouts (engine.dispose() gives a fresh pool)")
+    )
+    leaks = pool._leaks
+    out_at_start = pool._out_now()
+    started = clock()
+
+    def all_back() -> bool:
+        # the tracker also knows what the pools this one replaced (engine.dispose()) lent
+        return pool._out_now() <= 0 and (leaks is None or not leaks.out)
+
+    wait_until(all_back, timeout, clock=clock, sleep=sleep)
+    waited = clock() - started
+    stragglers = leaks.stragglers() if leaks is not None else []
+    for record, entry in stragglers:
+        leaks.report_straggler(entry)  # type: ignore[union-attr]
+        driver_connection = record.driver_connection
+        if driver_connection is not None:
+            sever(driver_connection)
+    left = pool._out_now()
+    if left and not stragglers:
+        logger.warning(
+            "%d connection(s) still checked out when the pool shut down; they are closed when "
+            "returned (set leak_threshold to see who holds them)", left,
+        )  # fmt: skip
+    pool.dispose()
+    return ShutdownReport(
+        waited, out_at_start, max(left, len(stragglers)),
+        tuple(entry.holder for _, entry in stragglers),
+    )  # fmt: skip
 
 
 # -- the engine-level helpers ---------------------------------------------------------------------

@@ -12,7 +12,13 @@ import pytest
 from sqlalchemy.exc import ArgumentError
 
 from fault_tolerant_pool.leaks import LeakTracker, Site, capture_stack, leak_threshold
-from fault_tolerant_pool.shutdown import PoolClosed, sever, timeout_seconds, wait_until
+from fault_tolerant_pool.shutdown import (
+    PoolClosed,
+    close_pool,
+    sever,
+    timeout_seconds,
+    wait_until,
+)
 from fault_tolerant_pool.stats import ConnectCounters
 from fault_tolerant_pool.upkeep import KEEP, REPLACE
 
@@ -262,3 +268,66 @@ def test_sever_ends_the_stream_for_the_peer() -> None:
     finally:
         ours.close()
         peer.close()
+
+
+# -- the shutdown of a pool ----------------------------------------------------------------------
+
+
+class FakePool:
+    """What ``close_pool`` drives: checkouts that come back when the clock says so."""
+
+    def __init__(self, clock: SleepyClock, leaks: LeakTracker | None, back_at: list[float]):
+        self.clock = clock
+        self._leaks = leaks
+        self.back_at = back_at
+        self.refused: PoolClosed | None = None
+        self.disposed = False
+
+    def _refuse(self, refusal: PoolClosed) -> None:
+        self.refused = refusal
+
+    def _out_now(self) -> int:
+        return sum(1 for at in self.back_at if at > self.clock.now)
+
+    def dispose(self) -> None:
+        self.disposed = True
+
+
+class Stuck:
+    """A checked-out record whose driver connection has a socket."""
+
+    def __init__(self) -> None:
+        self.sock, self.peer = socket.socketpair()
+        self.driver_connection = self
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def test_close_waits_for_what_comes_back_in_time() -> None:
+    clock = SleepyClock()
+    pool = FakePool(clock, None, [clock.now + 0.3, clock.now + 0.5])
+    report = close_pool(pool, 2.0, clock=clock, sleep=clock.sleep)
+    assert isinstance(pool.refused, PoolClosed) and pool.disposed
+    assert report.clean and report.checked_out_at_start == 2
+    assert report.waited == pytest.approx(0.5, abs=0.011)
+
+
+def test_close_reports_and_severs_what_is_still_out(caplog: pytest.LogCaptureFixture) -> None:
+    clock = SleepyClock()
+    leaks, counters, _ = tracker(clock, threshold=30)
+    stuck = Stuck()
+    fairy = Fairy()
+    leaks.checked_out(stuck, weakref.ref(fairy))
+    pool = FakePool(clock, leaks, [clock.now + 100])
+    caplog.set_level(logging.WARNING, "fault_tolerant_pool.leak")
+    try:
+        report = close_pool(pool, 1.0, clock=clock, sleep=clock.sleep)
+        assert stuck.peer.recv(1) == b""  # its socket was shut down: the server ends the session
+    finally:
+        stuck.sock.close()
+        stuck.peer.close()
+    assert report.waited == pytest.approx(1.0) and report.stragglers == 1
+    assert report.holders == ("thread 'MainThread'",) and not report.clean
+    assert counters.leaks["shutdown"] == 1 and "when the pool shut down" in caplog.text
+    assert pool.disposed
