@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import sqlalchemy
 from greenlet import getcurrent  # type: ignore[import-untyped]
 
+from .errors import redact
 from .lifetime import optional_seconds
 from .stats import LeakKind
 
@@ -92,8 +93,10 @@ def _line_of(code: CodeType, offset: int) -> int:
     return code.co_firstlineno
 
 
-def _package_dir(module: Any) -> str:
-    return str(Path(module.__file__).resolve().parent) + os.sep
+def _package_dirs(module: Any) -> set[str]:
+    """A package's directory as imported and as resolved (they differ behind a symlink)."""
+    path = Path(module.__file__)
+    return {str(path.parent) + os.sep, str(path.resolve().parent) + os.sep}
 
 
 def _hidden_prefixes() -> tuple[str, ...]:
@@ -104,15 +107,15 @@ def _hidden_prefixes() -> tuple[str, ...]:
     import greenlet
 
     modules = (sqlalchemy, greenlet, asyncio, concurrent.futures, sys.modules[__package__])
-    return tuple(sorted({_package_dir(module) for module in modules}))
+    return tuple(sorted(set().union(*(_package_dirs(module) for module in modules))))
 
 
 _HIDDEN_PREFIXES = _hidden_prefixes()
-_THREADING = str(Path(threading.__file__).resolve())
+_THREADING = {threading.__file__, str(Path(threading.__file__).resolve())}
 
 
 def _hidden(filename: str) -> bool:
-    return filename.startswith(_HIDDEN_PREFIXES) or filename == _THREADING
+    return filename.startswith(_HIDDEN_PREFIXES) or filename in _THREADING
 
 
 class Site:
@@ -140,8 +143,8 @@ class Site:
         for filename, line, function in self.frames:
             lines.append(f'  File "{filename}", line {line}, in {function}')
             source = linecache.getline(filename, line).strip()
-            if source:
-                lines.append(f"    {source}")
+            if source:  # a URL's password or a password= pair in the source is scrubbed
+                lines.append(f"    {redact(source)}")
         return "\n".join(lines)
 
 

@@ -331,3 +331,15 @@ def test_close_reports_and_severs_what_is_still_out(caplog: pytest.LogCaptureFix
     assert report.holders == ("thread 'MainThread'",) and not report.clean
     assert counters.leaks["shutdown"] == 1 and "when the pool shut down" in caplog.text
     assert pool.disposed
+
+
+def test_source_lines_in_a_report_are_scrubbed_of_passwords() -> None:
+    # fmt: off
+    stack = secret_checkout_site("postgresql://app:hunter2@db/app")  # the site's source line
+    # fmt: on
+    text = Site(stack).format()
+    assert "secret_checkout_site" in text and "hunter2" not in text and "***" in text
+
+
+def secret_checkout_site(url: str) -> Any:
+    return capture_stack()
