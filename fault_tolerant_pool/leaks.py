@@ -154,11 +154,12 @@ class Site:
 class Checkout:
     """One connection out of the pool: since when, held by whom, checked out where."""
 
-    __slots__ = ("fairy", "holder_kind", "holder_name", "reported", "stack", "started")
+    __slots__ = ("fairy", "holder_kind", "who", "reported", "stack", "started")
 
-    def __init__(self, started: float, holder: tuple[str, str], stack: Stack, fairy: Any) -> None:
+    def __init__(self, started: float, holder: tuple[str, Any], stack: Stack, fairy: Any) -> None:
         self.started = started
-        self.holder_kind, self.holder_name = holder
+        self.holder_kind, self.who = holder
+        """The task's name, or the thread itself."""
         self.stack = stack
         self.fairy = fairy
         """A weak reference to the connection SQLAlchemy lent (dead once it was reclaimed)."""
@@ -167,10 +168,13 @@ class Checkout:
     @property
     def holder(self) -> str:
         """``task 'name'`` or ``thread 'name'``."""
-        return f"{self.holder_kind} {self.holder_name!r}"
+        name = self.who
+        if isinstance(name, threading.Thread):
+            name = name.name
+        return f"{self.holder_kind} {name!r}"
 
 
-def holder_in_loop() -> tuple[str, str]:
+def holder_in_loop() -> tuple[str, Any]:
     """(``task``, its name) for the asyncio task checking out, else (``thread``, its name)."""
     try:
         task = _current_task()
@@ -181,8 +185,9 @@ def holder_in_loop() -> tuple[str, str]:
     return "task", task.get_name()
 
 
-def holder_in_thread() -> tuple[str, str]:
-    return "thread", _current_thread().name
+def holder_in_thread() -> tuple[str, Any]:
+    """(``thread``, the thread): its name is read when reported (threads get renamed)."""
+    return "thread", _current_thread()
 
 
 _current_task = asyncio.current_task
