@@ -154,7 +154,7 @@ class Site:
 class Checkout:
     """One connection out of the pool: since when, held by whom, checked out where."""
 
-    __slots__ = ("fairy", "holder_kind", "who", "reported", "stack", "started")
+    __slots__ = ("fairy", "holder_kind", "reported", "stack", "started", "who")
 
     def __init__(self, started: float, holder: tuple[str, Any], stack: Stack, fairy: Any) -> None:
         self.started = started
