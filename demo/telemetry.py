@@ -286,12 +286,16 @@ class PoolCollector(Collector):
         connections.add_metric([self._pool, "idle"], stats.checked_in)
         connections.add_metric([self._pool, "used"], stats.checked_out)
         yield connections
-        for name, documentation, value in (
+        gauges: tuple[tuple[str, str, float], ...] = (
             ("demo_pool_size", "Configured pool_size (0 for a null pool)", stats.size),
             ("demo_pool_overflow", "Connections beyond pool_size", stats.overflow),
-        ):
+            ("demo_pool_oldest_checkout_age_seconds",
+             "Seconds the oldest connection now checked out has been out",
+             stats.oldest_checkout_age or 0.0),
+        )  # fmt: skip
+        for name, documentation, reading in gauges:
             gauge = GaugeMetricFamily(name, documentation, labels=labels)
-            gauge.add_metric([self._pool], value)
+            gauge.add_metric([self._pool], reading)
             yield gauge
         for name, documentation, value in (
             ("demo_pool_connects", "Physical connections made", stats.connects),
@@ -300,6 +304,8 @@ class PoolCollector(Collector):
              stats.failed_attempts),
             ("demo_pool_connect_give_ups", "Connects that failed for good",
              stats.give_ups),
+            ("demo_pool_leaks", "Checkouts reported as held longer than leak_threshold",
+             stats.leaks),
         ):  # fmt: skip
             counter = CounterMetricFamily(name, documentation, labels=labels)
             counter.add_metric([self._pool], value)

@@ -36,8 +36,11 @@ async def test_a_long_hold_is_a_leak_on_the_health_page(
         during = (await client.get("/health")).json()["pool"]
         assert (await held).status_code == 200
         after = (await client.get("/health")).json()["pool"]
+        metrics = (await client.get("/metrics")).text
     assert during["oldest_checkout_age"] >= 0.5 and during["leak_threshold"] == 0.3
     assert during["leaks"] == 1 and after["leaks"] == 1 and after["oldest_checkout_age"] == 0.0
+    assert 'demo_pool_leaks_total{pool="fault-tolerant-pool-demo"} 1.0' in metrics
+    assert "demo_pool_oldest_checkout_age_seconds{" in metrics
     (report,) = [r.getMessage() for r in caplog.records if "connection leak" in r.getMessage()]
     assert "demo/db.py" in report and "in hold_connection" in report
 
