@@ -51,8 +51,9 @@ def leak_threshold(value: Any) -> float | None:
 
 # -- the checkout site --------------------------------------------------------------------------
 
-Stack = list[tuple[CodeType, int]]
-"""Innermost first: each frame's code and the offset of its current instruction."""
+Stack = list[Any]
+"""Innermost first, flat: each frame's code, then the offset of its current instruction (one
+list per checkout, no tuple per frame: fewer objects for the garbage collector to count)."""
 
 
 #: Where a task's own stack begins: frames above it belong to whoever runs the event loop.
@@ -68,12 +69,16 @@ def capture_stack(greenlet_parent: Callable[[], Any] | None = None) -> Stack:
     up to the event loop's step of the task.
     """
     stack: Stack = []
+    append = stack.append
+    left = MAX_FRAMES
     frame: Any = sys._getframe(2)
-    while frame is not None and len(stack) < MAX_FRAMES:
+    while frame is not None and left:
         code = frame.f_code
         if code is _LOOP_STEP:
             break
-        stack.append((code, frame.f_lasti))
+        append(code)
+        append(frame.f_lasti)
+        left -= 1
         frame = frame.f_back
         if frame is None and greenlet_parent is not None:
             frame = greenlet_parent()
@@ -125,7 +130,7 @@ class Site:
 
     def __init__(self, stack: Stack) -> None:
         shown: list[tuple[str, int, str]] = []
-        for code, offset in stack:
+        for code, offset in zip(stack[::2], stack[1::2], strict=True):
             if not _hidden(code.co_filename):
                 shown.append((code.co_filename, _line_of(code, offset), code.co_name))
         shown.reverse()
@@ -154,12 +159,12 @@ class Site:
 class Checkout:
     """One connection out of the pool: since when, held by whom, checked out where."""
 
-    __slots__ = ("fairy", "holder_kind", "reported", "stack", "started", "who")
+    __slots__ = ("fairy", "reported", "stack", "started", "who")
 
-    def __init__(self, started: float, holder: tuple[str, Any], stack: Stack, fairy: Any) -> None:
+    def __init__(self, started: float, who: Any, stack: Stack, fairy: Any) -> None:
         self.started = started
-        self.holder_kind, self.who = holder
-        """The task's name, or the thread itself."""
+        self.who = who
+        """The holding task's name, or the holding thread itself."""
         self.stack = stack
         self.fairy = fairy
         """A weak reference to the connection SQLAlchemy lent (dead once it was reclaimed)."""
@@ -168,26 +173,21 @@ class Checkout:
     @property
     def holder(self) -> str:
         """``task 'name'`` or ``thread 'name'``."""
-        name = self.who
-        if isinstance(name, threading.Thread):
-            name = name.name
-        return f"{self.holder_kind} {name!r}"
+        who = self.who
+        if isinstance(who, threading.Thread):
+            return f"thread {who.name!r}"  # read now: threads get renamed
+        return f"task {who!r}"
 
 
-def holder_in_loop() -> tuple[str, Any]:
-    """(``task``, its name) for the asyncio task checking out, else (``thread``, its name)."""
+def holder_in_loop() -> Any:
+    """The name of the asyncio task checking out, else the thread."""
     try:
         task = _current_task()
     except RuntimeError:  # no event loop in this thread
         task = None
     if task is None:
-        return holder_in_thread()
-    return "task", task.get_name()
-
-
-def holder_in_thread() -> tuple[str, Any]:
-    """(``thread``, the thread): its name is read when reported (threads get renamed)."""
-    return "thread", _current_thread()
+        return _current_thread()
+    return task.get_name()
 
 
 _current_task = asyncio.current_task
@@ -245,7 +245,7 @@ class LeakTracker:
                 self.clock(), holder_in_loop(), capture_stack(_greenlet_parent_frame), fairy_ref
             )
         else:
-            entry = Checkout(self.clock(), holder_in_thread(), capture_stack(), fairy_ref)
+            entry = Checkout(self.clock(), _current_thread(), capture_stack(), fairy_ref)
         self.out[record] = entry
         self.watcher.ensure(self.threshold)
 
