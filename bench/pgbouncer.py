@@ -113,8 +113,10 @@ async def main() -> None:
         "pool itself spends per checkout shows; scram-sha-256 is what production pays",
     )  # fmt: skip
     args = parser.parse_args()
-    with PostgresServer(max_connections=200) as server, PgBouncer(server, auth_type=args.auth) as bouncer:
-
+    with (
+        PostgresServer(max_connections=200) as server,
+        PgBouncer(server, auth_type=args.auth) as bouncer,
+    ):
         for driver in args.drivers.split(","):
             await measure(bouncer, driver, args.rounds, args.seconds, args.tasks)
 

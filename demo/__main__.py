@@ -1,9 +1,12 @@
-"""``python -m demo``: serve the demo; ``python -m demo restart-db``: restart its embedded database.
+"""``python -m demo``: serve the demo; ``python -m demo restart-db``: restart its embedded database;
+``python -m demo failover-db``: fail it over to its standby.
 
-    python -m demo                      # throwaway PostgreSQL, http://127.0.0.1:8000/
+    python -m demo                      # throwaway PostgreSQL and standby, http://127.0.0.1:8000/
     DATABASE_URL=postgresql://app:pw@db/app python -m demo
     DATABASE_URL=postgresql://app:pw@pgbouncer:6432/app python -m demo --pool null
     python -m demo restart-db --down-for 3       # from a second terminal
+    python -m demo failover-db --gap 1           # writer read-only, standby promoted 1 s later
+    python -m demo rebuild-standby               # after a failover: a new standby, same port
 
 Ctrl-C stops the server and everything it started.
 """
@@ -35,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "restart-db":
         return restart_db(args.url, args.down_for, wait=not args.no_wait)
+    if args.command == "failover-db":
+        return failover_db(args.url, args.gap, wait=not args.no_wait)
+    if args.command == "rebuild-standby":
+        return rebuild_standby(args.url, wait=not args.no_wait)
     try:
         settings = Settings.from_environ(
             os.environ,
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             pool=args.pool,
             retry_deadline=args.retry_deadline,
+            standby=args.standby,
         )
     except SettingsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
@@ -57,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="environment variables:\n" + variables,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "restart-db"])
+    parser.add_argument(
+        "command", nargs="?", default="serve",
+        choices=["serve", "restart-db", "failover-db", "rebuild-standby"],
+    )  # fmt: skip
     parser.add_argument("--host", help="listen address (DEMO_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (DEMO_PORT, default 8000; 0: any)")
     parser.add_argument(
@@ -66,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
         "(DEMO_POOL, default queue)",
     )  # fmt: skip
     parser.add_argument("--retry-deadline", type=float, help="DEMO_RETRY_DEADLINE, default 10")
+    parser.add_argument(
+        "--no-standby", dest="standby", action="store_const", const=False, default=None,
+        help="the throwaway PostgreSQL runs without a streaming standby (DEMO_STANDBY=off)",
+    )  # fmt: skip
     restart = parser.add_argument_group("restart-db")
     restart.add_argument(
         "--url", default=None,
@@ -75,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
         "--down-for", type=float, default=2.0, help="seconds the database stays down (default 2)"
     )
     restart.add_argument("--no-wait", action="store_true", help="return once the restart has begun")
+    failover = parser.add_argument_group("failover-db")
+    failover.add_argument(
+        "--gap", type=float, default=1.0,
+        help="seconds between turning the writer read-only and promoting the standby (default 1)",
+    )  # fmt: skip
     return parser
 
 
@@ -105,7 +125,7 @@ def serve(settings: Settings) -> int:
     telemetry = None
     try:
         if settings.database_url is None:
-            embedded = _start_embedded()
+            embedded = _start_embedded(settings.standby)
             if embedded is None:
                 return 1
             settings = settings.replace(database_url=embedded.url("asyncpg"))
@@ -157,14 +177,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _start_embedded() -> Any:
+def _start_embedded(standby: bool) -> Any:
     from fault_tolerant_pool.testing import ServerUnavailable
 
     from .embedded import EmbeddedDatabase
 
-    print("starting a throwaway PostgreSQL (no DATABASE_URL given) ...", flush=True)
+    what = "a throwaway PostgreSQL" + (" and a streaming standby" if standby else "")
+    print(f"starting {what} (no DATABASE_URL given) ...", flush=True)
     try:
-        database = EmbeddedDatabase()
+        database = EmbeddedDatabase(make_standby=standby)
     except ServerUnavailable as exc:
         print(
             f"demo: {exc}\n"
@@ -190,6 +211,13 @@ def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
             f"embedded PostgreSQL on 127.0.0.1:{embedded.server.port} "
             f"(throwaway, data in {embedded.server.workdir}, deleted on exit)"
         )
+        if embedded.no_standby_reason is not None:
+            database += f"\n  standby    none: {embedded.no_standby_reason}"
+        if embedded.standby is not None:
+            database += (
+                f"\n  standby    streaming hot standby on 127.0.0.1:{embedded.standby.port} "
+                "(the engine's URL lists both, target_session_attrs=read-write)"
+            )
     else:
         database = url.render_as_string(hide_password=True)
     lines = [
@@ -207,6 +235,9 @@ def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
     if embedded is not None:
         restart = "python -m demo restart-db" + (f" --url {base}" if port != 8000 else "")
         lines.append(f"  restart    {restart}   (or the button on the page)")
+        if embedded.standby is not None:
+            failover = "python -m demo failover-db" + (f" --url {base}" if port != 8000 else "")
+            lines.append(f"  failover   {failover}   (or the button on the page)")
     lines += ["Ctrl-C stops everything.", ""]
     print("\n".join(lines), flush=True)
 
@@ -264,6 +295,108 @@ def restart_db(url: str | None, down_for: float, wait: bool = True) -> int:
             return 0
     print("demo: the database did not come back within a minute", file=sys.stderr)
     return 1
+
+
+
+# --------------------------------------------------------------------------------------------------
+# failover-db, rebuild-standby
+
+
+def _post(base: str, path: str, action: str) -> tuple[int, dict[str, Any]]:
+    """POST an action to the running demo: (status, JSON body); status 0 if nothing answers."""
+    request = urllib.request.Request(
+        base + path, method="POST", headers={"X-Demo-Action": action}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read().decode(errors="replace"))
+        except ValueError:
+            body = {}
+        return exc.code, body if isinstance(body, dict) else {}
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, {"detail": str(exc)}
+
+
+def _refused(base: str, what: str, status: int, body: dict[str, Any]) -> int:
+    if status == 0:
+        print(f"demo: no demo answers at {base} ({body.get('detail')}); start it with "
+              "python -m demo", file=sys.stderr)  # fmt: skip
+    elif status == 404:
+        print(f"demo: this demo does not run its own database (DATABASE_URL is set), so it "
+              f"cannot {what} it", file=sys.stderr)  # fmt: skip
+    else:
+        print(f"demo: {what} refused ({status}): {body.get('detail', body)}", file=sys.stderr)
+    return 1
+
+
+def _wait_database(base: str, done: Any, timeout: float) -> dict[str, Any] | None:
+    """Poll /health until ``done(database)``; the database part, or None on timeout/failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+                database: dict[str, Any] = json.load(response)["database"]
+        except (urllib.error.URLError, OSError):
+            continue
+        if database["state"] == "failed":
+            return None
+        if done(database):
+            return database
+    return None
+
+
+def failover_db(url: str | None, gap: float, wait: bool = True) -> int:
+    """Ask the running demo to fail its embedded database over to the standby."""
+    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
+    status, answer = _post(base, f"/_demo/failover?gap={gap}", "failover")
+    if status != 202:
+        return _refused(base, "fail over", status, answer)
+    number = answer["failover"]
+    print(f"failover {number}: 127.0.0.1:{answer['from_port']} turned read-only, promoting "
+          f"127.0.0.1:{answer['to_port']} in {gap:g}s ...", flush=True)  # fmt: skip
+    if not wait:
+        return 0
+    database = _wait_database(
+        base,
+        lambda d: len(d["failovers"]) >= number
+        and d["failovers"][number - 1]["promoted_at"] is not None and d["state"] == "running",
+        gap + 60,
+    )
+    if database is None:
+        print("demo: the failover did not finish; see the demo's log", file=sys.stderr)
+        return 1
+    done = database["failovers"][number - 1]
+    print(f"done: 127.0.0.1:{done['to_port']} is the primary, promoted "
+          f"{done['promoted_at'] - done['demoted_at']:.2f}s after the demotion. "
+          "python -m demo rebuild-standby makes a new standby.")  # fmt: skip
+    return 0
+
+
+def rebuild_standby(url: str | None, wait: bool = True) -> int:
+    """Ask the running demo to replace its demoted server by a fresh standby."""
+    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
+    status, answer = _post(base, "/_demo/rebuild-standby", "rebuild-standby")
+    if status != 202:
+        return _refused(base, "rebuild the standby of", status, answer)
+    port = answer["port"]
+    print(f"rebuilding 127.0.0.1:{port} as a standby of 127.0.0.1:{answer['upstream_port']} ...",
+          flush=True)  # fmt: skip
+    if not wait:
+        return 0
+
+    def rebuilt(database: dict[str, Any]) -> bool:
+        roles = {s["port"]: s["role"] for s in database["servers"]}
+        return roles.get(port) == "standby"
+
+    if _wait_database(base, rebuilt, 60) is None:
+        print("demo: the standby was not rebuilt; see the demo's log", file=sys.stderr)
+        return 1
+    print(f"done: 127.0.0.1:{port} is a standby again; python -m demo failover-db fails back.")
+    return 0
 
 
 if __name__ == "__main__":

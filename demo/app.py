@@ -18,9 +18,16 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, Field
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fault_tolerant_pool import ConnectRetriesExhausted, PoolClosed, PoolStats, shutdown
+from fault_tolerant_pool import (
+    ConnectRetriesExhausted,
+    DatabaseUnreachable,
+    PoolClosed,
+    PoolStats,
+    shutdown,
+)
 
 from . import db
 from .embedded import EmbeddedDatabase
@@ -37,6 +44,9 @@ DEGRADED_FOR = 10.0
 #: Header the restart endpoint requires: a cross-site form cannot send it without a CORS
 #: preflight, which this app never grants.
 ADMIN_HEADER = "x-demo-action"
+
+#: "cannot execute ... in a read-only transaction": the writer was demoted under the statement.
+READ_ONLY_SQLSTATE = "25006"
 
 _PAGE = Path(__file__).with_name("static") / "index.html"
 
@@ -57,12 +67,14 @@ class DemoState:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(self.stats, self.requests, settings.service_name))
         self.started_at = time.time()
-        self.restart_task: asyncio.Task[None] | None = None
+        #: The restart, failover or standby rebuild under way (one at a time).
+        self.database_task: asyncio.Task[None] | None = None
         url = settings.url
         self.driver = url.get_driver_name()
+        host, port = first_host(url)
         self.server_attributes = {
-            "server.address": url.host or "",
-            "server.port": url.port or 5432,
+            "server.address": host or "",
+            "server.port": port or 5432,
             "db.namespace": url.database or "",
         }
 
@@ -83,6 +95,8 @@ class DemoState:
             "attempts": stats.attempts if stats else 0,
             "failures": stats.failed_attempts if stats else 0,
             "give_ups": stats.give_ups if stats else 0,
+            "fast_failures": stats.fast_failures if stats else 0,
+            "connect_state": stats.connect_state if stats else "healthy",
             "ok": requests.ok,
             "unavailable": requests.unavailable,
             "errors": requests.errors,
@@ -124,6 +138,18 @@ class DemoState:
                     "leaks": stats.leaks,
                     "leaks_reclaimed": stats.leaks_reclaimed,
                     "leaks_at_shutdown": stats.leaks_at_shutdown,
+                    # the probe (issue 11): one attempt at a time while connects fail, fail-fast
+                    # once they have failed for a whole retry deadline
+                    "connect_state": stats.connect_state,
+                    "unreachable_since": None if stats.unreachable_since is None
+                    else round(stats.unreachable_since, 3),
+                    "outage_attempts": stats.outage_attempts,
+                    "outages": stats.outages,
+                    "last_outage_seconds": None if stats.last_outage is None
+                    else round(stats.last_outage, 2),
+                    "fast_failures": stats.fast_failures,
+                    "waiting": stats.waiting,
+                    "rejected_waiting": stats.rejected_waiting,
                     "last_error": None if last is None else {
                         "class": last.error_class,
                         "sqlstate": last.sqlstate,
@@ -148,10 +174,20 @@ class DemoState:
             "can_restart": self.database is not None,
         }
         if self.database is not None:
+            embedded = self.database
             database["restarts"] = [
                 {"number": r.number, "stopped_at": r.stopped_at, "started_at": r.started_at}
-                for r in self.database.restarts
+                for r in embedded.restarts
             ]
+            # The embedded servers run on this machine for the demo alone: their ports are
+            # what the page shows to tell them apart.
+            database["can_fail_over"] = embedded.can_fail_over
+            database["servers"] = embedded.servers()
+            database["failovers"] = [
+                {"number": f.number, "from_port": f.from_port, "to_port": f.to_port,
+                 "demoted_at": f.demoted_at, "promoted_at": f.promoted_at}
+                for f in embedded.failovers
+            ]  # fmt: skip
         return {
             "status": status,
             "service": self.settings.service_name,
@@ -165,6 +201,18 @@ class DemoState:
 
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 2)
+def first_host(url: URL) -> tuple[str | None, int | None]:
+    """The host and port of a URL; of its first host for a multi-host URL (``?host=h1:p1&...``)."""
+    hosts = url.query.get("host")
+    if url.host is not None or not hosts:
+        return url.host, url.port
+    first = hosts if isinstance(hosts, str) else hosts[0]
+    if first.startswith("[") and "]" in first:
+        host, _, rest = first[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = first.partition(":")
+    return host or None, int(port) if port.isdigit() else None
 
 
 def database_error_body(exc: BaseException) -> dict[str, Any]:
@@ -182,6 +230,17 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
             "sqlstate": None,
         }
     orig = getattr(exc, "orig", None)
+    if isinstance(orig, DatabaseUnreachable):
+        return {
+            "error": "database unavailable",
+            "reason": "database_unreachable",
+            "detail": (
+                f"failing fast: unreachable for {max(time.time() - orig.unreachable_since, 0):.0f}s"
+                f" ({orig.outage_attempts} failed attempts); a probe retries"
+            ),
+            "error_class": type(orig.last_error).__name__,
+            "sqlstate": _sqlstate(orig) or _sqlstate(orig.last_error),
+        }
     if isinstance(orig, ConnectRetriesExhausted):
         last = orig.last_error
         return {
@@ -212,6 +271,14 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
             "error": "database unavailable",
             "reason": "connect_failed",
             "detail": "the database refused the login (permanent error, not retried)",
+            "error_class": type(cause).__name__,
+            "sqlstate": sqlstate,
+        }
+    if sqlstate == READ_ONLY_SQLSTATE:
+        return {
+            "error": "database unavailable",
+            "reason": "server_read_only",
+            "detail": "the server turned read-only (a failover); the statement was not replayed",
             "error_class": type(cause).__name__,
             "sqlstate": sqlstate,
         }
@@ -293,9 +360,9 @@ def create_app(
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-            if state.restart_task is not None:
+            if state.database_task is not None:
                 with contextlib.suppress(Exception):
-                    await state.restart_task
+                    await state.database_task
             # The README's lifespan recipe: uvicorn has let the in-flight requests finish; what
             # still holds a connection gets shutdown_timeout seconds, then it is closed and
             # reported as a leak (with its task and checkout site).
@@ -416,19 +483,64 @@ def create_app(
 
     if database is not None:
 
+        def admit(request: Request, action: str) -> None:
+            """Refuse an action without its header (no cross-site form can send one) or from
+            another machine."""
+            if request.headers.get(ADMIN_HEADER) != action:
+                raise HTTPException(403, f"send the header {ADMIN_HEADER}: {action}")
+            if not _is_loopback(request.client.host if request.client else None):
+                raise HTTPException(403, "only from this machine")
+
         @app.post("/_demo/restart-db", status_code=202)
         async def restart_db(
             request: Request, down_for: float = Query(2.0, ge=0.0, le=30.0)
         ) -> dict[str, Any]:
             """Restart the embedded PostgreSQL (fast shutdown, down for ``down_for`` seconds)."""
-            if request.headers.get(ADMIN_HEADER) != "restart-db":
-                raise HTTPException(403, f"send the header {ADMIN_HEADER}: restart-db")
-            if not _is_loopback(request.client.host if request.client else None):
-                raise HTTPException(403, "only from this machine")
+            admit(request, "restart-db")
             if not database.begin_restart():
                 raise HTTPException(409, "a restart is already under way")
             number = len(database.restarts) + 1
-            state.restart_task = asyncio.create_task(asyncio.to_thread(database.restart, down_for))
+            state.database_task = asyncio.create_task(
+                asyncio.to_thread(database.restart, down_for)
+            )
             return {"restart": number, "down_for": down_for, "state": "stopping"}
+
+        @app.post("/_demo/failover", status_code=202)
+        async def failover(
+            request: Request, gap: float = Query(1.0, ge=0.0, le=10.0)
+        ) -> dict[str, Any]:
+            """Turn the writer read-only, then ``gap`` seconds later promote the standby."""
+            admit(request, "failover")
+            refused = database.begin_failover()
+            if refused is not None:
+                raise HTTPException(409, refused)
+            assert database.standby is not None
+            answer = {
+                "failover": len(database.failovers) + 1,
+                "from_port": database.primary.port,
+                "to_port": database.standby.port,
+                "gap": gap,
+                "state": "failing over",
+            }
+            state.database_task = asyncio.create_task(asyncio.to_thread(database.failover, gap))
+            return answer
+
+        @app.post("/_demo/rebuild-standby", status_code=202)
+        async def rebuild_standby(request: Request) -> dict[str, Any]:
+            """Replace the demoted server by a fresh standby of the writer, on its port."""
+            admit(request, "rebuild-standby")
+            refused = database.begin_rebuild()
+            if refused is not None:
+                raise HTTPException(409, refused)
+            assert database.demoted is not None
+            answer = {"port": database.demoted.port, "upstream_port": database.primary.port}
+            state.database_task = asyncio.create_task(asyncio.to_thread(database.rebuild_standby))
+            return answer
+
+        @app.get("/_demo/servers")
+        async def servers() -> dict[str, Any]:
+            """Each embedded server as it describes itself: ``pg_is_in_recovery()`` and
+            ``default_transaction_read_only`` (asked with psql, not through the pool)."""
+            return {"servers": await asyncio.to_thread(database.inspect)}
 
     return app

@@ -130,10 +130,21 @@ async def add_note(engine: AsyncEngine, body: str) -> dict[str, Any]:
             await conn.execute(
                 sa.insert(notes)
                 .values(body=body, created_at=sa.func.now())
-                .returning(notes.c.id, notes.c.body, notes.c.created_at)
+                .returning(
+                    notes.c.id,
+                    notes.c.body,
+                    notes.c.created_at,
+                    sa.func.inet_server_port().label("server_port"),
+                    sa.func.pg_is_in_recovery().label("server_in_recovery"),
+                )
             )
         ).one()
-    return _note(row)
+    # Which server took the write: the page shows writes moving to a new primary.
+    return {
+        **_note(row),
+        "server_port": row.server_port,
+        "server_in_recovery": row.server_in_recovery,
+    }
 
 
 async def get_note(engine: AsyncEngine, note_id: int) -> dict[str, Any] | None:

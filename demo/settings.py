@@ -25,6 +25,8 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "DEMO_CONNECT_TIMEOUT": "the driver's own timeout for one connect attempt, seconds (default 5)",
     "DEMO_STARTUP_TIMEOUT": "how long startup waits for the database to create the schema "
     "(default 60)",
+    "DEMO_STANDBY": "on (default) or off: whether the throwaway PostgreSQL gets a streaming "
+    "standby, for the page's fail-over button (ignored with DATABASE_URL)",
     "DEMO_LEAK_THRESHOLD": "leak_threshold of the pool: seconds a checkout may last before it is "
     "reported as a leak (default 10)",
     "DEMO_SHUTDOWN_TIMEOUT": "on Ctrl-C or SIGTERM, seconds in-flight requests and checked-out "
@@ -43,8 +45,19 @@ _DRIVERS = {
 }
 
 
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True,
+           "off": False, "false": False, "no": False, "0": False}  # fmt: skip
+
+
 class SettingsError(ValueError):
     """A setting has a value the demo cannot use; the message names the variable."""
+
+
+def _switch(raw: str) -> bool:
+    try:
+        return _SWITCH[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
 
 
 def database_url(raw: str) -> URL:
@@ -80,6 +93,8 @@ class Settings:
     retry_deadline: float = 10.0
     connect_timeout: float = 5.0
     startup_timeout: float = 60.0
+    standby: bool = True
+    """The embedded database gets a streaming hot standby (the page's fail-over button)."""
     leak_threshold: float = 10.0
     shutdown_timeout: float = 10.0
     service_name: str = "fault-tolerant-pool-demo"
@@ -122,6 +137,7 @@ class Settings:
             ("retry_deadline", "DEMO_RETRY_DEADLINE", float),
             ("connect_timeout", "DEMO_CONNECT_TIMEOUT", float),
             ("startup_timeout", "DEMO_STARTUP_TIMEOUT", float),
+            ("standby", "DEMO_STANDBY", _switch),
             ("leak_threshold", "DEMO_LEAK_THRESHOLD", float),
             ("shutdown_timeout", "DEMO_SHUTDOWN_TIMEOUT", float),
             ("service_name", "OTEL_SERVICE_NAME", str),

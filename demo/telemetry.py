@@ -286,6 +286,14 @@ class PoolCollector(Collector):
         connections.add_metric([self._pool, "idle"], stats.checked_in)
         connections.add_metric([self._pool, "used"], stats.checked_out)
         yield connections
+        state = GaugeMetricFamily(
+            "demo_pool_connect_state",
+            "1 for the pool's connect state (healthy, failing, failing_fast, recovering)",
+            labels=[*labels, "state"],
+        )
+        for name in ("healthy", "failing", "failing_fast", "recovering"):
+            state.add_metric([self._pool, name], 1 if stats.connect_state == name else 0)
+        yield state
         gauges: tuple[tuple[str, str, float], ...] = (
             ("demo_pool_size", "Configured pool_size (0 for a null pool)", stats.size),
             ("demo_pool_overflow", "Connections beyond pool_size", stats.overflow),
@@ -306,6 +314,10 @@ class PoolCollector(Collector):
              stats.give_ups),
             ("demo_pool_leaks", "Checkouts reported as held longer than leak_threshold",
              stats.leaks),
+            ("demo_pool_connect_fast_failures", "Connects refused at once while failing fast",
+             stats.fast_failures),
+            ("demo_pool_outages", "Outages that ended (connects succeeded again)",
+             stats.outages),
         ):  # fmt: skip
             counter = CounterMetricFamily(name, documentation, labels=labels)
             counter.add_metric([self._pool], value)

@@ -6,7 +6,12 @@ Pass ``poolclass=FaultTolerantQueuePool`` (or ``FaultTolerantNullPool`` behind P
 
 from .classify import Verdict, classify
 from .credentials import CredentialsProvider, FileCredentials
-from .errors import ConnectRetriesExhausted, CredentialsError
+from .errors import (
+    ConnectRetriesExhausted,
+    CredentialsError,
+    DatabaseUnreachable,
+    TooManyWaiting,
+)
 from .iam import RdsIamCredentials
 from .policy import RetryPolicy
 from .pool import (
@@ -22,6 +27,7 @@ __all__ = [
     "ConnectRetriesExhausted",
     "CredentialsError",
     "CredentialsProvider",
+    "DatabaseUnreachable",
     "FaultTolerance",
     "FaultTolerantAsyncQueuePool",
     "FaultTolerantNullPool",
@@ -33,6 +39,7 @@ __all__ = [
     "RdsIamCredentials",
     "RetryPolicy",
     "ShutdownReport",
+    "TooManyWaiting",
     "Verdict",
     "classify",
     "drain",

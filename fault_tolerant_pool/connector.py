@@ -20,9 +20,10 @@ from .classify import (
 )
 from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer, withdraw
 from .doubt import Doubt
-from .errors import CredentialsError, exhausted_error, one_line, redact
+from .errors import CredentialsError, exhausted_error, one_line, redact, too_many_waiting
 from .hosts import NOT_WRITABLE, HostRotation, Round
 from .policy import Backoff, RetryPolicy
+from .probe import Admission, Gate
 from .stats import ConnectCounters
 from .telemetry import PoolTelemetry, disabled
 from .timeouts import AttemptTimer, release_frames, retire
@@ -62,6 +63,10 @@ class RetryingConnector:
     provider within the time left before the deadline). A refused login (``28P01``/``28000``)
     drops the cached secret and is retried at once, once per connect; refused again, it is
     permanent. ``on_connect(record, connection)`` runs after each successful connect.
+
+    With a ``gate`` (:mod:`fault_tolerant_pool.probe`), every attempt is admitted by it: while
+    connects fail it paces one attempt at a time for the whole pool (its wait replaces this
+    loop's own backoff sleep), and it refuses at once while the pool fails fast.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class RetryingConnector:
         on_connect: OnConnect | None = None,
         ping: Callable[[Any], object] | None = None,
         discard: Callable[[Any], object] | None = None,
+        gate: Gate | None = None,
         hosts: HostRotation | None = None,
         wants_writer: bool = False,
         doubt: Doubt | None = None,
@@ -101,6 +107,7 @@ class RetryingConnector:
         self.on_connect = on_connect
         self.ping = ping
         self.discard = discard
+        self.gate = gate
         self.hosts = hosts
         self.wants_writer = wants_writer
         self.doubt = doubt
@@ -115,9 +122,12 @@ class RetryingConnector:
         timer = AttemptTimer(self.policy.attempt_timeout)
         credentials = self.credentials
         refreshed = False
+        gate = self.gate
         hosts = self.hosts.round() if self.hosts is not None else None
         while True:
             secret: Secret | None = None
+            if gate is not None and (hosts is None or not hosts.position):
+                self._admit(gate, backoff)  # once a round: the gate sees rounds, not hosts
             started = self.clock()
             if hosts is None:
                 timer.begin(started, backoff.remaining(started))
@@ -140,7 +150,6 @@ class RetryingConnector:
                 if self.doubt is not None:
                     self.doubt.raised()
                 now = self.clock()
-                refresh: str | None = None
                 if (
                     hosts is not None
                     and verdict.transient
@@ -154,6 +163,9 @@ class RetryingConnector:
                     )  # fmt: skip
                     self._log_attempt(error, verdict, backoff.failures + 1, 0.0, None, hosts)
                     continue
+                if gate is not None:
+                    gate.finished(now, error if verdict.transient else None, backoff.started)
+                refresh: str | None = None
                 if verdict.transient:
                     delay = backoff.next_delay(now, self.random)
                     if delay is not None and not timer.worth_another(
@@ -184,9 +196,15 @@ class RetryingConnector:
                         raise
                     raise failure from error
                 self._log_attempt(error, verdict, backoff.failures, delay, refresh, hosts)
-                if delay > 0:
-                    self.sleep(delay)
+                if delay > 0 and gate is None:
+                    self.sleep(delay)  # with a gate, its wait for the next probe is the backoff
+            except BaseException:
+                if gate is not None:
+                    gate.abandoned()  # cancelled: the probe passes to another caller
+                raise
             else:
+                if gate is not None:
+                    gate.finished(self.clock(), None, backoff.started)
                 if record is not None and backoff.failures:
                     # SQLAlchemy stamped the record when the connect began; after retries that
                     # is too early: an invalidation of the pool during the outage would make
@@ -200,6 +218,30 @@ class RetryingConnector:
                 if self.on_connect is not None:
                     self.on_connect(record, connection)
                 return connection
+
+    def _admit(self, gate: Gate, backoff: Backoff) -> None:
+        """Wait for the gate's leave to attempt; raise what the caller sees when it refuses."""
+        admission = gate.enter(backoff.started + self.policy.deadline, self.in_loop())
+        if admission is Admission.GO:
+            return
+        if admission is Admission.REJECTED:
+            limit = gate.room.limit
+            raise too_many_waiting(0 if limit is None else limit, "the connect probe")
+        now = self.clock()
+        last = gate.last_error or TimeoutError("no connect slot before the deadline")
+        verdict = classify_with(self.classifier, last)
+        if admission is Admission.FAIL_FAST:
+            gate.count_fast_failure()
+            raise gate.unreachable(
+                self.dbapi(),
+                last,
+                verdict.error_type,
+                attempts=backoff.failures,
+                elapsed=backoff.elapsed(now),
+                secrets=self.secrets(),
+            ) from last
+        failure = self._give_up(last, verdict, backoff, now)  # waited its whole deadline
+        raise failure from (None if failure is last else last)
 
     def _attempt(self, record: Any, timer: AttemptTimer) -> Any:
         """One call of the creator, with the attempt's time limit published to the listener,
@@ -243,17 +285,24 @@ class RetryingConnector:
         attempt: int,
         delay: float,
         refresh: str | None,
-        hosts: Round | None,
+        hosts: Round | None = None,
     ) -> None:
-        if logger.isEnabledFor(logging.WARNING):
+        gate = self.gate
+        level = logging.WARNING
+        if gate is not None and gate.state == "failing_fast":
+            level = logging.DEBUG  # the gate warned once when failing fast began
+        if logger.isEnabledFor(level):
             if refresh is not None:
                 then = f"login refused: asking {refresh} again, retrying at once"
             elif hosts is not None and hosts.position:
                 then = f"trying the next host, {hosts.host}, now"
-            else:
+            elif gate is None:
                 then = f"retrying in {delay:.3f}s"
+            else:
+                then = f"next probe in {gate.next_probe_in(self.clock()):.3f}s"
             where = "" if hosts is None else f" at {hosts.failed_host}"
-            logger.warning(
+            logger.log(
+                level,
                 "connect attempt %d%s failed (%s, sqlstate=%s): %s; %s",
                 attempt,
                 where,
@@ -264,7 +313,12 @@ class RetryingConnector:
             )
 
     def _give_up(
-        self, error: Exception, verdict: Verdict, backoff: Backoff, now: float, hosts: Round | None
+        self,
+        error: Exception,
+        verdict: Verdict,
+        backoff: Backoff,
+        now: float,
+        hosts: Round | None = None,
     ) -> Exception:
         self.counters.gave_up()
         elapsed = backoff.elapsed(now)

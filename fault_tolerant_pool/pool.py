@@ -18,7 +18,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import event
@@ -36,6 +36,7 @@ from .credentials import CredentialSource
 from .demotion import DemotionWatch
 from .doubt import Doubt, ping_mode
 from .endpoint import connect_arguments, endpoint_of, password_of
+from .errors import too_many_waiting
 from .hosts import HostRotation, wants_writer
 from .leaks import DEFAULT_LEAK_THRESHOLD, LeakTracker
 from .lifetime import (
@@ -54,6 +55,7 @@ from .policy import (
     RetryPolicy,
     _optional_seconds,
 )
+from .probe import Gate, WaitingRoom
 from .shutdown import PoolClosed, ShutdownReport, close_pool
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
@@ -101,6 +103,8 @@ class FaultTolerance:
             demotion.handle_error(context)
         if context.is_disconnect or classify(context.original_exception).transient:
             self.doubt.raised()
+    gate: Gate = field(default_factory=lambda: Gate(DEFAULT_DEADLINE), compare=False)
+    """The pool's connect state: the probe, fail-fast, ``max_waiting`` (see :mod:`.probe`)."""
 
     @classmethod
     def from_arguments(
@@ -125,6 +129,8 @@ class FaultTolerance:
         retry_ping: Any = "auto",
         demotion_check: Any = True,
         ping_timeout: Any = DEFAULT_PING_TIMEOUT,
+        fail_fast: Any = True,
+        max_waiting: Any = None,
         leak_threshold: Any = DEFAULT_LEAK_THRESHOLD,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
@@ -163,6 +169,13 @@ class FaultTolerance:
             if _boolean("demotion_check", demotion_check)
             else None
         )
+        gate = Gate(
+            policy.deadline,
+            fail_fast=_boolean("fail_fast", fail_fast),
+            room=WaitingRoom(_max_waiting(max_waiting)),
+        )
+        gate.listener = telemetry
+        telemetry.connect_figures = gate.figures
         return cls(
             policy=policy,
             telemetry=telemetry,
@@ -177,8 +190,22 @@ class FaultTolerance:
             lifetime=LifetimePolicy.from_arguments(max_lifetime, lifetime_jitter, max_idle),
             liveness=LivenessPolicy.from_arguments(liveness_check, liveness_ping_after),
             secrets=secrets,
+            gate=gate,
             leaks=None if threshold is None else LeakTracker(threshold, counters),
         )
+
+
+def _max_waiting(value: Any) -> int | None:
+    """``max_waiting``: a positive integer, or None / 0 (psycopg_pool's "no limit")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+        return None
+    try:
+        number = int(value) if isinstance(value, str) and not isinstance(value, bool) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ArgumentError(f"max_waiting must be a positive integer or None, got {value!r}")
+    return number or None
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -214,6 +241,11 @@ class _FaultTolerantPool(Pool):
     _fault_tolerance: FaultTolerance
     _telemetry: PoolTelemetry
     _upkeep: Upkeep | None = None
+    _keeps_connections = True
+    """Whether connections outlive a checkout (a demoted server's connections are worth
+    replacing only then)."""
+    _waiting_room: WaitingRoom | None = None
+    """The gate's room when ``max_waiting`` is set: slot waiters count too."""
     _leaks: LeakTracker | None
     _closed: PoolClosed | None
 
@@ -227,6 +259,8 @@ class _FaultTolerantPool(Pool):
             **{name: arguments[name] for name in POOL_ARGUMENTS},
         )
         self._telemetry = self._fault_tolerance.telemetry
+        room = self._fault_tolerance.gate.room
+        self._waiting_room = room if room.limit is not None else None
         self._leaks = self._fault_tolerance.leaks
         self._closed = None
 
@@ -258,12 +292,13 @@ class _FaultTolerantPool(Pool):
             secrets=ft.secrets,
             credentials=credentials,
             in_loop=self._in_loop,
-            on_connect=self._connected,  # a drain() may install an upkeep later
+            on_connect=self._connected if self._keeps_connections else None,  # drain() may add
             ping=self._ping_new if ft.ping is not False else None,
             doubt=ft.doubt if ft.ping is None else None,
             discard=self._discard_new,
             hosts=ft.hosts,
             wants_writer=ft.wants_writer,
+            gate=ft.gate,
         )
 
     def _ping_new(self, dbapi_connection: Any) -> None:
@@ -284,7 +319,7 @@ class _FaultTolerantPool(Pool):
         if upkeep is not None:
             upkeep.connected(record, driver_connection)
         demotion = self._fault_tolerance.demotion
-        if demotion is not None and record is not None:
+        if demotion is not None and record is not None and self._keeps_connections:
             demotion.connected(record.info, driver_connection)
 
     def _install_failover(self) -> None:
@@ -375,9 +410,10 @@ class _FaultTolerantPool(Pool):
 
     def stats(self) -> PoolStats:
         """A snapshot of what the pool did and holds; see :class:`PoolStats`."""
+        ft = self._fault_tolerance
         leaks = self._leaks
         oldest = None if leaks is None else leaks.oldest_age()
-        return self._fault_tolerance.counters.snapshot(*self._gauges(), oldest)
+        return ft.counters.snapshot(*self._gauges(), ft.gate.figures(), oldest)
 
     def _gauges(self) -> tuple[int, int, int, int]:
         raise NotImplementedError
@@ -418,6 +454,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         retry_ping: bool | str = "auto",
         demotion_check: bool = True,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        fail_fast: bool = True,
+        max_waiting: int | None = None,
         leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
@@ -435,7 +473,11 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._upkeep.ping_after = None  # no dialect to ping with (a pool built by hand)
 
     def _do_get(self) -> ConnectionPoolEntry:
-        record = super()._do_get()
+        room = self._waiting_room
+        if room is not None and self._would_wait():  # max_waiting: count the queue too
+            record = self._seated_get(room)
+        else:
+            record = super()._do_get()
         upkeep = self._upkeep
         if upkeep is not None:
             if upkeep.idle is not None:
@@ -447,6 +489,15 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                 record._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
                 raise
         return record
+
+    def _seated_get(self, room: WaitingRoom) -> ConnectionPoolEntry:
+        """Wait for a slot as one of at most ``max_waiting`` callers, or fail at once."""
+        if not room.join():
+            raise too_many_waiting(room.limit or 0, "a connection slot")
+        try:
+            return super()._do_get()
+        finally:
+            room.leave()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._telemetry.checked_in(record)
@@ -572,11 +623,16 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         retry_ping: bool | str = "auto",
         demotion_check: bool = True,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        fail_fast: bool = True,
+        max_waiting: int | None = None,
         leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
         self._init_fault_tolerance(locals(), kw)
+        if _fault_tolerance is None:  # every checkout is a connect: capping them caps the app
+            gate = self._fault_tolerance.gate
+            gate.schedule = replace(gate.schedule, healthy_concurrency=None)
         self._checked_out = 0
         self._checked_out_lock = threading.Lock()
         NullPool.__init__(self, creator, **kw)
@@ -584,6 +640,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         self._install_credentials()
         timeouts.install(self._dialect)
         self._install_failover()
+
+    _keeps_connections = False
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = NullPool._do_get(self)

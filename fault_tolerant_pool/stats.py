@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .probe import GateFigures
 
 #: Why a pooled connection was closed by the pool before its time: see ``PoolStats.retired_*``.
 Retirement = Literal["lifetime", "idle", "liveness", "drain"]
@@ -65,6 +68,24 @@ class PoolStats:
     each one invalidated the pool (see the README's Failover section)."""
     ping_timeouts: int = 0
     """Pings that got no answer within ``ping_timeout``: their connection was cut."""
+    connect_state: str = "healthy"
+    """``healthy``, ``failing`` (one probe at a time, callers wait for it), ``failing_fast``
+    (unreachable for a whole ``retry_deadline``: new connections fail at once) or
+    ``recovering`` (a probe succeeded; waiting callers connect a few at a time)."""
+    unreachable_since: float | None = None
+    """``time.time()`` when connecting began to fail, while it fails; else None."""
+    outage_attempts: int = 0
+    """Failed attempts of the current (or latest) failure."""
+    outages: int = 0
+    """Failures that ended (a connect succeeded again after failed attempts)."""
+    last_outage: float | None = None
+    """Seconds the latest ended failure lasted."""
+    fast_failures: int = 0
+    """Connects refused at once while failing fast."""
+    waiting: int = 0
+    """Callers waiting right now for the probe (and, with ``max_waiting``, for a slot)."""
+    rejected_waiting: int = 0
+    """Checkouts refused at once because ``max_waiting`` callers were already waiting."""
     retired_drain: int = 0
     """Connections closed because ``drain()`` (or a shutdown) was called after they were made."""
     leaks: int = 0
@@ -173,9 +194,10 @@ class ConnectCounters:
         checked_in: int,
         checked_out: int,
         overflow: int,
+        gate: GateFigures | None = None,
         oldest_checkout_age: float | None = None,
     ) -> PoolStats:
-        return PoolStats(
+        stats = PoolStats(
             connects=self.connects,
             attempts=self.attempts,
             failed_attempts=self.failed_attempts,
@@ -197,4 +219,17 @@ class ConnectCounters:
             leaks_reclaimed=self.leaks["reclaimed"],
             leaks_at_shutdown=self.leaks["shutdown"],
             oldest_checkout_age=oldest_checkout_age,
+        )
+        if gate is None:
+            return stats
+        return replace(
+            stats,
+            connect_state=gate.state,
+            unreachable_since=gate.unreachable_since,
+            outage_attempts=gate.outage_attempts,
+            outages=gate.outages,
+            last_outage=gate.last_outage,
+            fast_failures=gate.fast_failures,
+            waiting=gate.waiting,
+            rejected_waiting=gate.rejected,
         )

@@ -77,6 +77,14 @@ CONNECT_FAILED_ATTEMPTS = "fault_tolerant_pool.connect.failed_attempts"
 CONNECT_GIVE_UPS = "fault_tolerant_pool.connect.give_ups"
 CREDENTIAL_REFRESHES = "fault_tolerant_pool.credential.refreshes"
 RETIREMENTS = "fault_tolerant_pool.connection.retirements"
+CONNECT_STATE = "fault_tolerant_pool.connect.state"
+CONNECT_WAITING = "fault_tolerant_pool.connect.waiting"
+FAST_FAILURES = "fault_tolerant_pool.connect.fast_failures"
+REJECTED_WAITING = "fault_tolerant_pool.checkout.rejected"
+OUTAGE_DURATION = "fault_tolerant_pool.connect.outage.duration"
+#: The attribute of ``fault_tolerant_pool.connect.state`` (see :mod:`fault_tolerant_pool.probe`).
+CONNECT_STATE_ATTRIBUTE = "fault_tolerant_pool.connect.state"
+CONNECT_STATES = ("healthy", "failing", "failing_fast", "recovering")
 LEAKS = "fault_tolerant_pool.connection.leaks"
 LEAK_KIND = "fault_tolerant_pool.leak.kind"
 
@@ -240,6 +248,28 @@ class _Instruments:
             PENDING_REQUESTS, [self._observe_pending], "{request}",
             "The number of current pending requests for an open connection.",
         )  # fmt: skip
+        meter.create_observable_up_down_counter(
+            CONNECT_STATE, [self._observe_state], "{pool}",
+            "1 for the pool's connect state (healthy, failing, failing_fast, recovering), 0 for "
+            "the others.",
+        )  # fmt: skip
+        meter.create_observable_up_down_counter(
+            CONNECT_WAITING, [self._observe_waiting], "{request}",
+            "Callers waiting for the connect probe (and for a slot, with max_waiting).",
+        )  # fmt: skip
+        meter.create_observable_counter(
+            FAST_FAILURES, [self._observe_fast_failures], "{connect}",
+            "Connects refused at once while the pool fails fast.",
+        )  # fmt: skip
+        meter.create_observable_counter(
+            REJECTED_WAITING, [self._observe_rejected], "{request}",
+            "Checkouts refused at once because max_waiting callers were already waiting.",
+        )  # fmt: skip
+        self.outage_duration = histogram(
+            OUTAGE_DURATION, "s",
+            "How long connecting failed before a connect succeeded again, one value per outage.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )  # fmt: skip
 
     # Observable callbacks: run by the reader's collection, never on the checkout path. Pools that
     # share a name are summed, so one name never yields two conflicting observations. Each one
@@ -288,6 +318,37 @@ class _Instruments:
 
     def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._observe(lambda telemetry: ((None, telemetry.pending),))
+
+    def _figure(self, name: str) -> Iterator[Observation]:
+        totals: dict[str, int] = {}
+        for telemetry in list(self.pools):
+            figures = telemetry.connect_figures
+            if figures is not None:
+                value = getattr(figures(), name)
+                totals[telemetry.pool_name] = totals.get(telemetry.pool_name, 0) + value
+        for pool_name, value in totals.items():
+            yield Observation(value, {POOL_NAME: pool_name})
+
+    def _observe_state(self, options: CallbackOptions) -> Iterable[Observation]:
+        totals: dict[tuple[str, str], int] = {}
+        for telemetry in list(self.pools):
+            figures = telemetry.connect_figures
+            if figures is not None:
+                current = figures().state
+                for state in CONNECT_STATES:
+                    key = (telemetry.pool_name, state)
+                    totals[key] = totals.get(key, 0) + (state == current)
+        for (pool_name, state), value in totals.items():
+            yield Observation(value, {POOL_NAME: pool_name, CONNECT_STATE_ATTRIBUTE: state})
+
+    def _observe_waiting(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._figure("waiting")
+
+    def _observe_fast_failures(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._figure("fast_failures")
+
+    def _observe_rejected(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._figure("rejected")
 
 
 _GLOBAL = object()  # the registry key of the global meter provider
@@ -431,6 +492,8 @@ class PoolTelemetry:
         self._pool: Callable[[], PoolGauges | None] = lambda: None
         self._pending: set[Checkout] = set()  # add and discard are atomic: no lock
         self._error_attributes: dict[str, Mapping[str, str]] = {}
+        self.connect_figures: Callable[[], Any] | None = None
+        """The gate's ``figures()`` (its state, waiters, fast failures), read at collection."""
         self._instruments.pools.add(self)
 
     @classmethod
@@ -582,6 +645,13 @@ class PoolTelemetry:
     def credentials_refreshed(self) -> None:
         """Count a fetch of fresh credentials (``fault_tolerant_pool.credential.refreshes``)."""
         self._instruments.credential_refreshes.add(1, self.attributes)
+
+    def failed_fast(self) -> None:
+        """A connect refused while failing fast (counted by an observable counter)."""
+
+    def outage_ended(self, seconds: float) -> None:
+        """Record how long connecting failed (``fault_tolerant_pool.connect.outage.duration``)."""
+        self._instruments.outage_duration.record(seconds, self.attributes)
 
     def retired(self, reason: str) -> None:
         """Count a connection the pool closed: ``reason`` is lifetime, idle or liveness."""

@@ -53,6 +53,11 @@ CONVENTIONS = {
     "fault_tolerant_pool.connect.attempts": ("counter", "{attempt}"),
     "fault_tolerant_pool.connect.failed_attempts": ("counter", "{attempt}"),
     "fault_tolerant_pool.connect.give_ups": ("counter", "{connect}"),
+    "fault_tolerant_pool.connect.state": ("updowncounter", "{pool}"),
+    "fault_tolerant_pool.connect.waiting": ("updowncounter", "{request}"),
+    "fault_tolerant_pool.connect.fast_failures": ("counter", "{connect}"),
+    "fault_tolerant_pool.checkout.rejected": ("counter", "{request}"),
+    "fault_tolerant_pool.connect.outage.duration": ("histogram", "s"),
 }
 
 
@@ -124,6 +129,7 @@ async def test_names_kinds_units_and_attributes(
         "db.client.connection.timeouts",
         "fault_tolerant_pool.connect.failed_attempts",
         "fault_tolerant_pool.connect.give_ups",
+        "fault_tolerant_pool.connect.outage.duration",  # no outage yet
     } | ({"db.client.connection.max"} if poolclass is FaultTolerantNullPool else set())
     for histogram in ("create_time", "wait_time", "use_time"):
         (point,) = metrics[f"db.client.connection.{histogram}"].data.data_points

@@ -43,6 +43,10 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
             assert match, database
             pg_port, workdir = int(match.group(1)), match.group(2)
             assert os.path.isdir(workdir)
+            # By default the throwaway PostgreSQL has a streaming standby (the fail-over button).
+            standby = re.search(r"standby on 127\.0\.0\.1:(\d+) ", demo.banner_value("standby"))
+            assert standby, demo.output
+            standby_port = int(standby.group(1))
             assert "FaultTolerantQueuePool (asyncpg" in demo.banner_value("pool")
             assert demo.banner_value("traces") == f"OTLP/HTTP to {otlp.endpoint}"
 
@@ -79,12 +83,44 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
                 assert health["database"]["embedded"] is True
                 assert health["database"]["state"] == "running"
                 assert len(health["database"]["restarts"]) == 1
+                assert health["database"]["can_fail_over"] is True
+                assert [(s["port"], s["role"]) for s in health["database"]["servers"]] == [
+                    (pg_port, "primary"), (standby_port, "standby"),
+                ]  # fmt: skip
+                # The standby followed the restarted primary.
+                assert wait_until(
+                    lambda: client.get("/_demo/servers").json()["servers"][1]["in_recovery"]
+                    is True, 10,
+                )  # fmt: skip
+
+                # A third command fails it over; the next write lands on the promoted standby.
+                assert "python -m demo failover-db --url" in demo.banner_value("failover")
+                failover = subprocess.run(
+                    demo_command("failover-db", "--url", demo.base_url, "--gap", "0.2"),
+                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=90,
+                )  # fmt: skip
+                assert failover.returncode == 0, failover.stdout + failover.stderr
+                assert f"failover 1: 127.0.0.1:{pg_port} turned read-only, promoting " \
+                    f"127.0.0.1:{standby_port} in 0.2s" in failover.stdout  # fmt: skip
+                assert f"done: 127.0.0.1:{standby_port} is the primary" in failover.stdout
+                note = client.post("/notes/", json={"text": "after"})
+                if note.status_code == 503:  # the statement that met the demoted writer
+                    assert note.json()["reason"] == "server_read_only", note.text
+                    note = client.post("/notes/", json={"text": "after"})
+                assert note.status_code == 201 and note.json()["server_port"] == standby_port
+                rebuild = subprocess.run(
+                    demo_command("rebuild-standby", "--url", demo.base_url),
+                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=90,
+                )  # fmt: skip
+                assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
+                assert f"done: 127.0.0.1:{pg_port} is a standby again" in rebuild.stdout
 
             assert demo.stop(signal.SIGINT) == 0, demo.output
             assert "demo stopped (embedded PostgreSQL deleted)" in demo.output
             assert "Traceback" not in demo.output, demo.output
         assert not os.path.exists(workdir), "the embedded database's directory is removed"
         assert refuses(pg_port), "the embedded PostgreSQL is stopped"
+        assert refuses(standby_port), "and its standby"
 
         # Spans went out over OTLP: the request (server) and its database operation (client).
         assert wait_until(lambda: bool(otlp.requests), 10)
@@ -119,6 +155,12 @@ def test_database_url_is_used_and_left_running(pg_server: PostgresServer) -> Non
         )  # fmt: skip
         assert refused.returncode == 1
         assert "does not run its own database" in refused.stderr
+        refused = subprocess.run(
+            demo_command("failover-db", "--url", demo.base_url),
+            cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "cannot fail over it" in refused.stderr
         assert demo.stop(signal.SIGTERM) == 0, demo.output
         assert "demo stopped" in demo.output
     assert pg_server.is_running, "a server the demo did not start is left alone"

@@ -8,17 +8,19 @@ to keep it (that is how the README's picture is made).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .conftest import in_ci
-from .helpers import ROOT, demo_process
+from .helpers import ROOT, DemoProcess, demo_process
 
 pytestmark = [pytest.mark.db, pytest.mark.browser]
 
@@ -123,6 +125,7 @@ def test_page_shows_the_pool_riding_through_a_restart(browser: object, tmp_path:
         assert _number(text("traffic-503")) <= WORKERS
         assert ok_while_down - ok_at_restart <= WORKERS, "nothing was answered while it was down"
         assert _number(text("requests-503")) <= WORKERS + 1  # the page's row counter, too
+        failover_shot = fail_over_and_rebuild(driver, demo, text, wait_for, tmp_path)
         errors = [
             entry["message"]
             for entry in driver.get_log("browser")  # type: ignore[no-untyped-call]
@@ -136,3 +139,40 @@ def test_page_shows_the_pool_riding_through_a_restart(browser: object, tmp_path:
     if target := os.environ.get("DEMO_SCREENSHOT"):
         path = Path(target) if os.path.isabs(target) else ROOT / target
         path.write_bytes(data)
+        path.with_name("demo-failover.png").write_bytes(failover_shot.read_bytes())
+
+
+def fail_over_and_rebuild(
+    driver: Any, demo: DemoProcess, text: Any, wait_for: Any, tmp_path: Path
+) -> Path:
+    """Press "Fail over": the writes move to the standby's port; then "Rebuild the standby"."""
+    from selenium.webdriver.common.by import By
+
+    primary = int(re.search(r"127\.0\.0\.1:(\d+) ", demo.banner_value("database")).group(1))  # type: ignore[union-attr]
+    standby = int(re.search(r"127\.0\.0\.1:(\d+) ", demo.banner_value("standby")).group(1))  # type: ignore[union-attr]
+    wait_for(lambda: text("writes-on").startswith(f"127.0.0.1:{primary} "), 10, "writes on primary")
+    assert "pg_is_in_recovery() = false" in text("writes-on")
+    failed_before = _number(text("traffic-503"))
+    button = driver.find_element(By.ID, "failover")
+    assert button.text == "Fail over"
+    button.click()
+    wait_for(lambda: text("writes-on").startswith(f"127.0.0.1:{standby} "), 20, "writes moved")
+    wait_for(lambda: text("failover") == "Rebuild the standby", 10, "the rebuild button")
+    wait_for(lambda: "demoted" in text("servers") and "true" in text("servers"), 10, "roles")
+    assert text("writer-port") == f"127.0.0.1:{standby}"
+    time.sleep(1.5)  # some writes on the new primary in the table and the charts
+    shot = tmp_path / "demo-failover.png"
+    driver.set_window_size(1400, 1350)  # the servers' table below the charts, too
+    assert driver.save_screenshot(str(shot))
+    driver.set_window_size(1400, 1000)
+    # Only the statements that met the demoted writer failed: at most two per worker.
+    assert _number(text("traffic-503")) - failed_before <= 2 * WORKERS
+    rows = {line.split()[0]: line for line in text("servers").splitlines()[1:]}
+    assert rows[f"127.0.0.1:{standby}"].split()[1:3] == ["primary", "false"]
+    assert rows[f"127.0.0.1:{primary}"].split()[1:4] == ["demoted", "false", "true"]
+
+    driver.find_element(By.ID, "failover").click()  # the second click rebuilds the standby
+    wait_for(lambda: text("failover") == "Fail over", 30, "the standby rebuilt")
+    wait_for(lambda: f"127.0.0.1:{primary} standby true" in text("servers"), 10, "it replicates")
+    assert text("writes-on").startswith(f"127.0.0.1:{standby} ")
+    return shot

@@ -27,6 +27,35 @@ def test_settings_from_the_environment() -> None:
     psycopg = Settings(database_url="postgresql+psycopg://a:b@h/d")
     assert psycopg.url.drivername == "postgresql+psycopg_async"
     assert Settings.from_environ({}) == Settings()
+    assert Settings().standby is True, "the embedded database has a standby by default"
+    assert Settings.from_environ({"DEMO_STANDBY": " Off "}).standby is False
+    assert Settings.from_environ({"DEMO_STANDBY": "on"}, standby=False).standby is False
+
+
+def test_no_standby_flag() -> None:
+    from demo.__main__ import _parser
+
+    assert _parser().parse_args([]).standby is None  # unset: DEMO_STANDBY or the default
+    assert _parser().parse_args(["--no-standby"]).standby is False
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("postgresql+asyncpg://u:p@db:6432/app", ("db", 6432)),
+        ("postgresql+asyncpg://u:p@/app?host=h1:5001&host=h2:5002", ("h1", 5001)),
+        ("postgresql+psycopg_async://u:p@/app?host=[::1]:5001&host=h2:5002", ("::1", 5001)),
+        ("postgresql+asyncpg://u:p@/app?host=h1", ("h1", None)),
+    ],
+)
+def test_spans_name_the_first_host_of_a_multi_host_url(
+    url: str, expected: tuple[str, int | None]
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    from demo.app import first_host
+
+    assert first_host(make_url(url)) == expected
 
 
 @pytest.mark.parametrize(
@@ -37,6 +66,7 @@ def test_settings_from_the_environment() -> None:
         ("DEMO_PORT", "70000", "DEMO_PORT must be a TCP port"),
         ("DEMO_RETRY_DEADLINE", "0", "DEMO_RETRY_DEADLINE must be a positive number"),
         ("DEMO_POOL_SIZE", "0", "DEMO_POOL_SIZE must be at least 1"),
+        ("DEMO_STANDBY", "maybe", "DEMO_STANDBY has an invalid value 'maybe'"),
         ("DATABASE_URL", "postgresql+psycopg2://u:s3cret@h/d", "DATABASE_URL uses"),
         ("DATABASE_URL", "not a url s3cret", "DATABASE_URL is not a valid database URL"),
     ],
@@ -63,6 +93,8 @@ class DriverError(Exception):
         (ConnectionResetError("reset by peer 10.0.0.5:5432"), "connection_lost"),
         (sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), "pool_timeout"),
         (DriverError('duplicate key value violates "x"', "23505"), "database_error"),
+        (DriverError("cannot execute INSERT in a read-only transaction", "25006"),
+         "server_read_only"),
     ],
 )  # fmt: skip
 def test_503_bodies_say_what_happened_without_messages(error: Exception, reason: str) -> None:

@@ -35,6 +35,8 @@ STATEMENT = sa.text("SELECT pg_sleep(0.005)")
 #: The issue's four places come first; the others are reported.
 WHERE: tuple[tuple[str, str, str], ...] = (
     ("backing off", "fault_tolerant_pool/pool.py", "_async_sleep"),
+    # with the probe (issue 11) a caller backs off by waiting for the pool's next probe
+    ("backing off", "fault_tolerant_pool/probe.py", "wait"),
     ("connecting", "fault_tolerant_pool/connector.py", "_attempt"),
     ("waiting for a slot", "sqlalchemy/util/queue.py", ""),
     ("mid-query", "sqlalchemy/engine/base.py", "_execute_context"),

@@ -40,7 +40,9 @@ async def test_writer_turned_read_only_then_standby_promoted(
 ) -> None:
     primary, standby = pg_primary_standby
     failover.prepare(primary)
-    run = await failover.demote_then_promote(primary, standby, driver, poolclass, "ft")
+    run = await failover.demote_then_promote(
+        primary, standby, driver, poolclass, "ft", warm=0.5, after=1.5
+    )
     summary = _summary(run)
     assert run.count("checkout") == 0 and run.hung == 0, summary
     assert run.failed_statements_per_worker() <= 2, summary
@@ -64,7 +66,7 @@ async def test_plain_promotion_after_the_primary_stops(
     primary, standby = pg_primary_standby
     failover.prepare(primary)
     run = await failover.stop_then_promote(
-        primary, standby, driver, FaultTolerantQueuePool, "ft"
+        primary, standby, driver, FaultTolerantQueuePool, "ft", warm=0.5, after=1.5
     )
     summary = _summary(run)
     assert run.count("checkout") == 0 and run.hung == 0, summary
@@ -80,7 +82,7 @@ async def test_black_holed_first_host(
 ) -> None:
     failover.prepare(pg_server)
     run = await failover.blackholed_first_host(
-        pg_server, fault_proxy, driver, FaultTolerantQueuePool, "ft", duration=4.0
+        pg_server, fault_proxy, driver, FaultTolerantQueuePool, "ft", duration=3.0
     )
     summary = _summary(run)
     assert run.count("ok") > 0 and run.errors() == {} and run.hung == 0, summary
@@ -197,3 +199,65 @@ async def test_a_ping_that_gets_no_answer_is_cut_at_ping_timeout(
             engine.dispose()
         else:
             await async_engine.dispose()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_demoted_idle_connection_is_not_lent(
+    pg_primary_standby: tuple[PostgresServer, PostgresServer], driver: str
+) -> None:
+    """Idle past ``liveness_ping_after``, the connection's ping shows its server read-only: it
+    is replaced (and the pool with it) before the checkout, so not even one write fails."""
+    primary, standby = pg_primary_standby
+    failover.prepare(primary)
+    engine = create_async_engine(
+        multi_host_url(driver, [primary, standby]), poolclass=FaultTolerantQueuePool,
+        pool_size=2, max_overflow=0,
+    )  # fmt: skip
+    try:
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text(failover.WRITE))).scalar_one() == primary.port
+        await asyncio.to_thread(primary.set_read_only, True)
+        await asyncio.to_thread(standby.promote)
+        await asyncio.sleep(1.2)
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text(failover.WRITE))).scalar_one() == standby.port
+        stats = engine.sync_engine.pool.stats()  # type: ignore[attr-defined]
+        assert stats.demotions == 1 and stats.retired_liveness == 1
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("flavour", ["psycopg_async", "psycopg"])
+async def test_libpq_url_form_with_a_black_holed_first_host(
+    pg_server: PostgresServer, fault_proxy: FaultProxy, flavour: str
+) -> None:
+    """libpq's own multi-host form (``host=a,b&port=p,q``) is tried host by host too; libpq
+    alone would give the silent first host its whole ``connect_timeout``."""
+    await asyncio.to_thread(fault_proxy.blackhole)
+    url = (
+        f"postgresql+{flavour}://{pg_server.user}:{pg_server.password}@/{pg_server.dbname}"
+        f"?host={fault_proxy.host},{pg_server.host}&port={fault_proxy.port},{pg_server.port}"
+    )
+    query = sa.text("SELECT inet_server_port()")
+    started = time.monotonic()
+    if flavour == "psycopg":
+        engine = sa.create_engine(url, poolclass=FaultTolerantQueuePool)
+
+        def scalar() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(query).scalar_one())
+
+        try:
+            assert await asyncio.to_thread(scalar) == pg_server.port
+        finally:
+            engine.dispose()
+        limit = 4.5  # libpq waits at least 2 s per host (alone: the whole 5 s attempt limit)
+    else:
+        async_engine = create_async_engine(url, poolclass=FaultTolerantQueuePool)
+        try:
+            async with async_engine.connect() as conn:
+                assert (await conn.execute(query)).scalar_one() == pg_server.port
+        finally:
+            await async_engine.dispose()
+        limit = 2.5  # the first look at the silent host: 0.5 s (alone: 5 s)
+    assert time.monotonic() - started < limit

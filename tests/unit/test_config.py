@@ -68,6 +68,10 @@ def test_sqlalchemy_pool_arguments_still_reach_the_pool() -> None:
         ({"max_idle": "forever"}, "max_idle"),
         ({"liveness_check": "sometimes"}, "liveness_check"),
         ({"liveness_ping_after": -1}, "liveness_ping_after"),
+        ({"fail_fast": "sometimes"}, "fail_fast"),
+        ({"max_waiting": -1}, "max_waiting"),
+        ({"max_waiting": "many"}, "max_waiting"),
+        ({"max_waiting": 2.5}, "max_waiting"),
         ({"leak_threshold": 0}, "leak_threshold"),
         ({"leak_threshold": "soon"}, "leak_threshold"),
     ],
@@ -156,3 +160,24 @@ def test_both_pool_classes_name_every_argument(poolclass: type) -> None:
         "self", "creator", "_fault_tolerance", "kw",
     }
     assert named == set(POOL_ARGUMENTS)
+
+
+def test_fail_fast_and_max_waiting_from_config_survive_dispose() -> None:
+    config = {
+        "sqlalchemy.url": URL.format(driver="psycopg"),
+        "sqlalchemy.fail_fast": "false",
+        "sqlalchemy.max_waiting": "50",
+    }
+    engine = sa.engine_from_config(config, poolclass=FaultTolerantQueuePool)
+    gate = engine.pool._fault_tolerance.gate  # type: ignore[attr-defined]
+    assert (gate.fail_fast, gate.room.limit, gate.deadline) == (False, 50, 10.0)
+    engine.dispose()
+    assert engine.pool._fault_tolerance.gate is gate  # type: ignore[attr-defined]
+    defaults = sa.create_engine(URL.format(driver="psycopg"), poolclass=FaultTolerantNullPool)
+    gate = defaults.pool._fault_tolerance.gate  # type: ignore[attr-defined]
+    assert (gate.fail_fast, gate.room.limit) == (True, None)
+    for off in (None, 0, "0", "none"):
+        engine = sa.create_engine(
+            URL.format(driver="psycopg"), poolclass=FaultTolerantQueuePool, max_waiting=off
+        )
+        assert engine.pool._fault_tolerance.gate.room.limit is None  # type: ignore[attr-defined]

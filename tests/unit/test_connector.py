@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from fault_tolerant_pool.connector import RetryingConnector
-from fault_tolerant_pool.errors import ConnectRetriesExhausted
+from fault_tolerant_pool.errors import ConnectRetriesExhausted, DatabaseUnreachable
 from fault_tolerant_pool.policy import RetryPolicy
+from fault_tolerant_pool.probe import Gate
 from fault_tolerant_pool.stats import ConnectCounters
 
 from .fakes import Clock, FakeDBAPI
@@ -230,3 +231,76 @@ def test_a_connection_made_after_retries_is_stamped_when_it_was_made() -> None:
     untouched = types.SimpleNamespace(starttime=1.0)
     assert make(flaky([], clock), clock, counters)(untouched) == "connection"
     assert untouched.starttime == 1.0  # no retry: SQLAlchemy's own stamp stands
+
+
+# -- with the pool's gate (fault_tolerant_pool.probe) ------------------------------------------
+
+
+class ClockWaiter:
+    """A gate waiter that lets the fake clock run for the whole wait."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.woken = False
+
+    def wait(self, timeout: float) -> None:
+        self.clock.sleep(max(timeout, 0.0))
+
+    def wake(self) -> None:
+        self.woken = True
+
+
+def gated(creator: Any, clock: Clock, counters: ConnectCounters, **kw: Any) -> RetryingConnector:
+    gate = Gate(
+        10.0, clock=clock, random=lambda: 0.5, waiter=lambda in_loop: ClockWaiter(clock), **kw
+    )
+    return RetryingConnector(
+        creator,
+        RetryPolicy(),
+        counters,
+        sleep=lambda seconds: pytest.fail("with a gate the connector never sleeps itself"),
+        dbapi=lambda: FakeDBAPI,
+        clock=clock,
+        random=lambda: 0.5,
+        gate=gate,
+    )
+
+
+def test_with_a_gate_the_probe_schedule_paces_the_retries() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = gated(flaky([refused(), refused()], clock), clock, counters)
+    assert connect(None) == "connection"
+    schedule = connect.gate.schedule  # type: ignore[union-attr]
+    assert clock.sleeps == [
+        pytest.approx(schedule.pause(0.001, 0.5)),
+        pytest.approx(schedule.pause(clock.sleeps[0] + 0.002, 0.5)),
+    ]
+    assert connect.gate.state == "healthy"  # type: ignore[union-attr]
+    assert connect.gate.figures().outages == 1  # type: ignore[union-attr]
+
+
+def test_with_a_gate_callers_fail_fast_once_unreachable_for_a_deadline() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = gated(flaky([refused()] * 1000, clock), clock, counters)
+    with pytest.raises(ConnectRetriesExhausted) as first:
+        connect(None)  # retried until its deadline: the outage is a deadline old
+    assert not isinstance(first.value, DatabaseUnreachable)
+    attempts = counters.snapshot(0, 0, 0, 0).attempts
+    started = clock.now
+    with pytest.raises(DatabaseUnreachable) as fast:
+        connect(None)
+    assert clock.now - started < 0.01  # the probe may go once (a refused port is quick)
+    assert counters.snapshot(0, 0, 0, 0).attempts <= attempts + 1
+    assert isinstance(fast.value, FakeDBAPI.OperationalError)
+    assert "database unreachable since" in str(fast.value)
+    assert "last error ConnectionRefusedError" in str(fast.value)
+    assert connect.gate.figures().fast_failures == 1  # type: ignore[union-attr]
+
+
+def test_with_a_gate_a_cancelled_attempt_frees_the_probe() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = gated(flaky([refused(), asyncio.CancelledError()], clock), clock, counters)
+    with pytest.raises(asyncio.CancelledError):
+        connect(None)
+    assert connect.gate._in_flight == 0  # type: ignore[union-attr]
+    assert connect(None) == "connection"

@@ -445,3 +445,37 @@ def test_threads_queueing_and_flushing_at_once_record_every_value_once() -> None
     assert otel.value(USE_TIME, metrics) == per_thread * threads
     assert telemetry.pending == 0
     otel.shutdown()
+
+
+def test_the_connect_state_fast_failures_and_outages_are_metrics() -> None:
+    from fault_tolerant_pool.probe import Admission, Gate
+
+    otel = Otel()
+    telemetry = pool_telemetry(otel)
+    clock = Clock()
+    gate = Gate(10.0, clock=clock, random=lambda: 0.5)
+    gate.listener = telemetry
+    telemetry.connect_figures = gate.figures
+    assert gate.enter(clock.now + 10, False) is Admission.GO
+    gate.finished(clock.now, refused(), clock.now)
+    clock.now += 10.0
+    assert gate.enter(clock.now + 10, False) is Admission.GO  # the probe, in flight
+    assert gate.enter(clock.now + 10, False) is Admission.FAIL_FAST
+    gate.count_fast_failure()
+    metrics = otel.metrics()
+    state = "fault_tolerant_pool.connect.state"
+    states = {
+        s: otel.value(state, metrics, fault_tolerant_pool__connect__state=s)
+        for s in ("healthy", "failing", "failing_fast", "recovering")
+    }
+    assert states == {"healthy": 0, "failing": 0, "failing_fast": 1, "recovering": 0}
+    assert otel.value("fault_tolerant_pool.connect.fast_failures", metrics) == 1
+    assert otel.value("fault_tolerant_pool.checkout.rejected", metrics) == 0
+    assert otel.value("fault_tolerant_pool.connect.waiting", metrics) == 0
+    clock.now += 2.5
+    gate.finished(clock.now, None, clock.now)  # the probe connected: the outage ended
+    metrics = otel.metrics()
+    (point,) = metrics["fault_tolerant_pool.connect.outage.duration"].data.data_points
+    assert (point.count, point.sum) == (1, pytest.approx(12.5))
+    assert otel.value(state, metrics, fault_tolerant_pool__connect__state="healthy") == 1
+    otel.shutdown()

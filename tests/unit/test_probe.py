@@ -1,0 +1,265 @@
+"""The gate's state machine with a fake clock and fake waiters: no database, no sleeping.
+
+A fake waiter's ``wait`` stands for the time the caller is blocked: it runs what the rest of the
+world does meanwhile (another caller's attempt ending, the clock moving) and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from fault_tolerant_pool.errors import DatabaseUnreachable
+from fault_tolerant_pool.probe import Admission, Gate, ProbeSchedule, WaitingRoom
+
+from .fakes import Clock, FakeDBAPI
+
+DEADLINE = 10.0
+#: No jitter (a draw of 0.5), so the pauses are the schedule's own.
+SCHEDULE = ProbeSchedule()
+
+
+class FakeWaiter:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.woken = False
+
+    def wait(self, timeout: float) -> None:
+        self.world.waits.append(timeout)
+        action = self.world.during_wait.pop(0) if self.world.during_wait else None
+        if action is not None:
+            action()
+        if not self.woken:
+            self.world.clock.now += max(timeout, 0.0)
+
+    def wake(self) -> None:
+        self.woken = True
+
+
+class World:
+    """A clock, a gate, and what happens while a caller waits (one action per wait, in order)."""
+
+    def __init__(self, fail_fast: bool = True, room: WaitingRoom | None = None) -> None:
+        self.clock = Clock()
+        self.waits: list[float] = []
+        self.during_wait: list[Callable[[], object] | None] = []
+        self.gate = Gate(
+            DEADLINE,
+            fail_fast=fail_fast,
+            schedule=SCHEDULE,
+            room=room,
+            clock=self.clock,
+            wall=lambda: 1_000_000.0 + self.clock.now,
+            random=lambda: 0.5,
+            waiter=lambda in_loop: FakeWaiter(self),
+        )
+
+    def enter(self, deadline: float = DEADLINE) -> Admission:
+        return self.gate.enter(self.clock.now + deadline, False)
+
+    def fail(self, started: float | None = None) -> None:
+        now = self.clock.now
+        error = ConnectionRefusedError(111, "refused")
+        self.gate.finished(now, error, now if started is None else started)
+
+    def succeed(self) -> None:
+        self.gate.finished(self.clock.now, None, self.clock.now)
+
+
+def failing_world(**kw: object) -> World:
+    world = World(**kw)  # type: ignore[arg-type]
+    assert world.enter() is Admission.GO
+    world.fail()
+    assert world.gate.state == "failing"
+    return world
+
+
+def test_the_pause_between_probes_grows_with_the_failure_then_stays() -> None:
+    pause = ProbeSchedule().pause
+    assert pause(0.0, 0.5) == pytest.approx(0.14)
+    assert pause(2.2, 0.5) == pytest.approx(0.14 + 0.4**3)
+    assert pause(3.3, 0.5) == pytest.approx(0.14 + 0.6**3)
+    assert pause(10.0, 0.5) == pause(600.0, 0.5) == pytest.approx(0.6)
+    assert pause(600.0, 0.0) == pytest.approx(0.6 * 0.85)
+    assert pause(600.0, 0.999999) == pytest.approx(0.6 * 1.15)
+    # A 2 s restart is noticed within 230 ms (the worst draw), a long outage within 0.7 s.
+    assert pause(2.1, 0.999999) < 0.23 and pause(60.0, 0.999999) < 0.7
+
+
+def test_healthy_callers_go_at_once_up_to_the_concurrency_limit() -> None:
+    world = World()
+    for _ in range(SCHEDULE.healthy_concurrency):
+        assert world.enter() is Admission.GO
+    world.during_wait = [world.succeed]  # one of the four connects ends while the fifth waits
+    assert world.enter() is Admission.GO
+    assert world.waits == [DEADLINE] and world.gate.state == "healthy"
+
+
+def test_after_a_failure_one_probe_at_a_time_paced_by_the_schedule() -> None:
+    world = failing_world()
+    # nobody may try before the next probe is due: the caller waits exactly until then
+    assert world.enter() is Admission.GO
+    assert world.waits == [pytest.approx(SCHEDULE.pause(0.0, 0.5))]
+    # the probe is in flight: the next caller waits for its outcome, not a timer
+    world.during_wait = [world.fail, None]
+    assert world.enter() is Admission.GO
+    # woken by the failure; it would have waited no longer than until fail-fast opens
+    assert world.waits[1] == pytest.approx(DEADLINE - SCHEDULE.pause(0.0, 0.5))
+    assert world.waits[2] == pytest.approx(SCHEDULE.pause(0.14, 0.5))  # then the next probe
+    assert world.gate.outage_attempts == 2
+
+
+def test_fail_fast_opens_after_a_whole_deadline_and_the_probe_keeps_going(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    world = failing_world()
+    world.clock.now += DEADLINE
+    with caplog.at_level(logging.INFO, logger="fault_tolerant_pool.probe"):
+        assert world.enter() is Admission.GO  # the probe is due: this caller makes it
+        assert world.enter() is Admission.FAIL_FAST  # a probe is in flight
+        world.fail()
+        assert world.enter() is Admission.FAIL_FAST  # not due yet
+        assert world.gate.state == "failing_fast"
+        world.clock.now += 0.6 * 1.15
+        assert world.enter() is Admission.GO
+        world.succeed()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(warnings) == 1 and "failing fast" in warnings[0].getMessage()
+    assert "ConnectionRefusedError" in warnings[0].getMessage()
+    assert len(infos) == 1 and "after 10.7s of failure (2 failed attempts)" in infos[0].getMessage()
+    figures = world.gate.figures()
+    assert figures.state == "healthy" and figures.outages == 1
+    assert figures.last_outage == pytest.approx(DEADLINE + 0.69)
+    assert figures.unreachable_since is None
+
+
+def test_waiters_fail_fast_when_it_opens() -> None:
+    world = failing_world()
+    assert world.enter() is Admission.GO  # a probe, in flight until the deadline
+    world.during_wait = [None]
+    assert world.enter(deadline=20.0) is Admission.FAIL_FAST
+    # it waited until the failure was a deadline old, not until its own deadline
+    assert world.waits == [
+        pytest.approx(SCHEDULE.pause(0.0, 0.5)),
+        pytest.approx(DEADLINE - SCHEDULE.pause(0.0, 0.5)),
+    ]
+
+
+def test_without_fail_fast_callers_wait_until_their_deadline() -> None:
+    world = failing_world(fail_fast=False)
+    world.clock.now += 100.0
+    assert world.enter() is Admission.GO  # probe
+    assert world.enter(deadline=3.0) is Admission.EXPIRED
+    assert world.waits == [pytest.approx(3.0)] and world.gate.state == "failing"
+
+
+def test_recovery_lets_waiters_connect_a_few_at_a_time() -> None:
+    world = failing_world()
+    world.clock.now += 1.0
+    assert world.enter() is Admission.GO  # the probe
+    gate = world.gate
+    # while it is in flight, three callers wait; it succeeds: two of them are woken
+    waiters = [FakeWaiter(world) for _ in range(3)]
+    gate._waiters.extend(waiters)
+    world.succeed()
+    assert gate.state == "recovering"
+    assert [w.woken for w in waiters] == [True, True, False]
+    assert list(gate._waiters) == waiters[2:]
+    gate._waiters.clear()
+    assert world.enter() is Admission.GO and world.enter() is Admission.GO
+    world.during_wait = [world.succeed]
+    assert world.enter() is Admission.GO  # the third went once one of the two ended
+    world.succeed()
+    world.succeed()
+    assert gate.figures().state == "healthy" and gate.last_error is None
+
+
+def test_a_cancelled_probe_owner_hands_the_probe_on() -> None:
+    world = failing_world()
+    world.clock.now += 1.0
+    assert world.enter() is Admission.GO  # the probe's owner
+    world.during_wait = [world.gate.abandoned]  # cancelled while the next caller waits
+    assert world.enter() is Admission.GO  # the waiter becomes the probe at once
+    assert world.waits == [pytest.approx(DEADLINE - 1.0)]  # (at most until fail-fast)
+    assert world.gate._in_flight == 1
+
+
+def test_a_woken_waiter_that_gives_up_hands_its_turn_on() -> None:
+    world = World()
+    gate = world.gate
+    for _ in range(SCHEDULE.healthy_concurrency):
+        assert world.enter() is Admission.GO
+    other = FakeWaiter(world)
+
+    def end_one_then_queue_another() -> None:
+        gate._waiters.append(other)  # queued behind the caller below
+        world.succeed()  # wakes the caller below only (one free slot)
+        assert not other.woken
+
+    def cancelled() -> None:
+        end_one_then_queue_another()
+        raise KeyboardInterrupt  # the woken caller is cancelled before it goes
+
+    world.during_wait = [cancelled]
+    with pytest.raises(KeyboardInterrupt):
+        world.enter()
+    assert other.woken  # its turn went to the next waiter
+    assert gate.room.waiting == 0
+
+
+def test_max_waiting_refuses_beyond_the_limit() -> None:
+    room = WaitingRoom(limit=1)
+    world = failing_world(room=room)
+    world.clock.now += 1.0
+    assert world.enter() is Admission.GO  # the probe, in flight
+
+    def another_caller() -> None:
+        assert world.enter() is Admission.REJECTED
+
+    world.during_wait = [another_caller]
+    assert world.enter(deadline=2.0) is Admission.EXPIRED
+    assert (room.waiting, room.rejected) == (0, 1)
+    assert world.gate.figures().rejected == 1
+
+
+def test_a_permanent_error_means_the_server_answered() -> None:
+    world = failing_world()
+    world.clock.now += 1.0
+    assert world.enter() is Admission.GO
+    world.gate.finished(world.clock.now, None, world.clock.now)  # e.g. 28P01: reached
+    assert world.gate.state == "healthy"
+
+
+def test_an_earlier_connect_that_fails_moves_the_start_of_the_failure_back() -> None:
+    world = World()
+    world.enter()
+    world.enter()
+    world.clock.now += 4.0
+    world.fail(started=world.clock.now - 0.5)
+    world.fail(started=world.clock.now - 4.0)  # began before the first failure
+    world.clock.now += DEADLINE - 4.0
+    assert world.enter() is Admission.GO  # the probe: the failure is a deadline old
+    assert world.gate.state == "failing_fast"
+
+
+def test_the_fail_fast_error_names_since_when_and_never_a_secret() -> None:
+    world = failing_world()
+    secret = "s3cr3t-pw"
+    last = FakeDBAPI.OperationalError(f"connection to server failed: password={secret} refused")
+    world.gate.last_error = last
+    error = world.gate.unreachable(
+        FakeDBAPI, last, "08001", attempts=0, elapsed=0.0, secrets=(secret,)
+    )
+    assert isinstance(error, DatabaseUnreachable)
+    assert isinstance(error, FakeDBAPI.OperationalError)
+    assert secret not in str(error)
+    assert "database unreachable since 1970-01-12T13:48:20Z (1 failed attempt)" in str(error)
+    assert "failing fast while a probe retries; last error OperationalError [08001]" in str(error)
+    assert error.unreachable_since == pytest.approx(1_000_100.0)
+    assert error.outage_attempts == 1 and error.last_error is last and error.transient
+    # the message is built once per failed probe, not once per refused caller
+    again = world.gate.unreachable(FakeDBAPI, last, "08001", attempts=0, elapsed=0.0, secrets=())
+    assert str(again) == str(error) and again is not error
