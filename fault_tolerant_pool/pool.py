@@ -292,7 +292,8 @@ class _FaultTolerantPool(Pool):
             secrets=ft.secrets,
             credentials=credentials,
             in_loop=self._in_loop,
-            on_connect=self._connected if self._keeps_connections else None,  # drain() may add
+            # a pool that keeps connections always stamps them: drain() may add an upkeep later
+            on_connect=self._connected if self._keeps_connections else None,
             ping=self._ping_new if ft.ping is not False else None,
             doubt=ft.doubt if ft.ping is None else None,
             discard=self._discard_new,
