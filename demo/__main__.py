@@ -145,7 +145,9 @@ def serve(settings: Settings) -> int:
             app,
             log_level="warning",
             lifespan="on",
-            timeout_graceful_shutdown=3,
+            # Ctrl-C / SIGTERM: in-flight requests get this long to finish, then the lifespan
+            # gives checked-out connections as long again (fault_tolerant_pool.shutdown)
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         )
         uvicorn.Server(config).run(sockets=[sock])
     except (KeyboardInterrupt, _Terminated):

@@ -21,7 +21,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fault_tolerant_pool import ConnectRetriesExhausted, DatabaseUnreachable, PoolStats
+from fault_tolerant_pool import (
+    ConnectRetriesExhausted,
+    DatabaseUnreachable,
+    PoolClosed,
+    PoolStats,
+    shutdown,
+)
 
 from . import db
 from .embedded import EmbeddedDatabase
@@ -96,6 +102,8 @@ class DemoState:
             "errors": requests.errors,
             "in_flight": requests.in_flight,
             "slowest_ms": round(requests.take_slowest() * 1000, 1),
+            "oldest_checkout_s": _rounded(stats.oldest_checkout_age if stats else None),
+            "leaks": stats.leaks if stats else 0,
             "db": self.db_state,
         }
 
@@ -125,6 +133,11 @@ class DemoState:
                     "connect_attempts": stats.attempts,
                     "connect_failures": stats.failed_attempts,
                     "give_ups": stats.give_ups,
+                    "oldest_checkout_age": _rounded(stats.oldest_checkout_age),
+                    "leak_threshold": self.settings.leak_threshold,
+                    "leaks": stats.leaks,
+                    "leaks_reclaimed": stats.leaks_reclaimed,
+                    "leaks_at_shutdown": stats.leaks_at_shutdown,
                     # the probe (issue 11): one attempt at a time while connects fail, fail-fast
                     # once they have failed for a whole retry deadline
                     "connect_state": stats.connect_state,
@@ -186,6 +199,8 @@ class DemoState:
         }
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
 def first_host(url: URL) -> tuple[str | None, int | None]:
     """The host and port of a URL; of its first host for a multi-host URL (``?host=h1:p1&...``)."""
     hosts = url.query.get("host")
@@ -206,6 +221,14 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
     Driver messages can carry host names, user names or (before scrubbing) connection strings;
     the reason is built from structured fields only.
     """
+    if isinstance(exc, PoolClosed):
+        return {
+            "error": "database unavailable",
+            "reason": "shutting_down",
+            "detail": "the service is shutting down",
+            "error_class": type(exc).__name__,
+            "sqlstate": None,
+        }
     orig = getattr(exc, "orig", None)
     if isinstance(orig, DatabaseUnreachable):
         return {
@@ -340,6 +363,12 @@ def create_app(
             if state.database_task is not None:
                 with contextlib.suppress(Exception):
                     await state.database_task
+            # The README's lifespan recipe: uvicorn has let the in-flight requests finish; what
+            # still holds a connection gets shutdown_timeout seconds, then it is closed and
+            # reported as a leak (with its task and checkout site).
+            report = await shutdown(state.engine, settings.shutdown_timeout)
+            if not report.clean:
+                log.warning("shut down with %d connection(s) still out", report.stragglers)
             await state.engine.dispose()
 
     options: dict[str, Any] = {}
@@ -378,7 +407,9 @@ def create_app(
             {"error": "internal error", "error_class": type(exc).__name__}, status_code=500
         )
 
-    for error in (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError, *_raw_driver_errors()):
+    for error in (
+        sa.exc.DBAPIError, sa.exc.TimeoutError, OSError, PoolClosed, *_raw_driver_errors()
+    ):  # fmt: skip
         app.add_exception_handler(error, database_unavailable)
     app.add_exception_handler(Exception, internal_error)
 
@@ -436,6 +467,19 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
+
+    @app.post("/_demo/hold")
+    async def hold(
+        request: Request, seconds: float = Query(15.0, gt=0.0, le=60.0)
+    ) -> dict[str, Any]:
+        """Keep a connection checked out for ``seconds``: a slow request, or (past the pool's
+        leak_threshold) a leak report in the log and on the page."""
+        if request.headers.get(ADMIN_HEADER) != "hold":
+            raise HTTPException(403, f"send the header {ADMIN_HEADER}: hold")
+        if not _is_loopback(request.client.host if request.client else None):
+            raise HTTPException(403, "only from this machine")
+        with db_span("SELECT", None, server):
+            return {"held": await db.hold_connection(engine(), seconds)}
 
     if database is not None:
 

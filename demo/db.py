@@ -59,7 +59,10 @@ def make_engine(settings: Settings) -> AsyncEngine:
         connect_args["timeout"] = settings.connect_timeout
     else:
         connect_args["connect_timeout"] = max(1, round(settings.connect_timeout))
-    pool_kw: dict[str, Any] = {"retry_deadline": settings.retry_deadline}
+    pool_kw: dict[str, Any] = {
+        "retry_deadline": settings.retry_deadline,
+        "leak_threshold": settings.leak_threshold,  # a request holding one that long is logged
+    }
     if settings.pool == "null":
         poolclass: type = FaultTolerantNullPool
         if asyncpg:
@@ -106,6 +109,13 @@ async def create_schema(engine: AsyncEngine, timeout: float) -> None:
                 raise
             log.warning("database not ready for the schema yet (%s); retrying", type(exc).__name__)
             await asyncio.sleep(1.0)
+
+
+async def hold_connection(engine: AsyncEngine, seconds: float) -> float:
+    """Keep a connection checked out for ``seconds`` (the server sleeps): a slow request."""
+    async with engine.connect() as conn:
+        await conn.execute(sa.text("SELECT pg_sleep(:s)").bindparams(s=seconds))
+    return seconds
 
 
 async def server_version(engine: AsyncEngine) -> str:

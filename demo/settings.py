@@ -27,6 +27,10 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "(default 60)",
     "DEMO_STANDBY": "on (default) or off: whether the throwaway PostgreSQL gets a streaming "
     "standby, for the page's fail-over button (ignored with DATABASE_URL)",
+    "DEMO_LEAK_THRESHOLD": "leak_threshold of the pool: seconds a checkout may last before it is "
+    "reported as a leak (default 10)",
+    "DEMO_SHUTDOWN_TIMEOUT": "on Ctrl-C or SIGTERM, seconds in-flight requests and checked-out "
+    "connections get to finish (default 10)",
     "OTEL_SERVICE_NAME": "service name of traces and metrics (default fault-tolerant-pool-demo)",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "send traces over OTLP/HTTP there, e.g. http://jaeger:4318",
 }
@@ -91,6 +95,8 @@ class Settings:
     startup_timeout: float = 60.0
     standby: bool = True
     """The embedded database gets a streaming hot standby (the page's fail-over button)."""
+    leak_threshold: float = 10.0
+    shutdown_timeout: float = 10.0
     service_name: str = "fault-tolerant-pool-demo"
     otlp_endpoint: str | None = None
 
@@ -109,6 +115,8 @@ class Settings:
             ("DEMO_RETRY_DEADLINE", self.retry_deadline),
             ("DEMO_CONNECT_TIMEOUT", self.connect_timeout),
             ("DEMO_STARTUP_TIMEOUT", self.startup_timeout),
+            ("DEMO_LEAK_THRESHOLD", self.leak_threshold),
+            ("DEMO_SHUTDOWN_TIMEOUT", self.shutdown_timeout),
         ):
             if not (math.isfinite(seconds) and seconds > 0):
                 raise SettingsError(f"{name} must be a positive number of seconds, got {seconds}")
@@ -130,6 +138,8 @@ class Settings:
             ("connect_timeout", "DEMO_CONNECT_TIMEOUT", float),
             ("startup_timeout", "DEMO_STARTUP_TIMEOUT", float),
             ("standby", "DEMO_STANDBY", _switch),
+            ("leak_threshold", "DEMO_LEAK_THRESHOLD", float),
+            ("shutdown_timeout", "DEMO_SHUTDOWN_TIMEOUT", float),
             ("service_name", "OTEL_SERVICE_NAME", str),
             ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", str),
         ):

@@ -294,12 +294,16 @@ class PoolCollector(Collector):
         for name in ("healthy", "failing", "failing_fast", "recovering"):
             state.add_metric([self._pool, name], 1 if stats.connect_state == name else 0)
         yield state
-        for name, documentation, value in (
+        gauges: tuple[tuple[str, str, float], ...] = (
             ("demo_pool_size", "Configured pool_size (0 for a null pool)", stats.size),
             ("demo_pool_overflow", "Connections beyond pool_size", stats.overflow),
-        ):
+            ("demo_pool_oldest_checkout_age_seconds",
+             "Seconds the oldest connection now checked out has been out",
+             stats.oldest_checkout_age or 0.0),
+        )  # fmt: skip
+        for name, documentation, reading in gauges:
             gauge = GaugeMetricFamily(name, documentation, labels=labels)
-            gauge.add_metric([self._pool], value)
+            gauge.add_metric([self._pool], reading)
             yield gauge
         for name, documentation, value in (
             ("demo_pool_connects", "Physical connections made", stats.connects),
@@ -308,6 +312,8 @@ class PoolCollector(Collector):
              stats.failed_attempts),
             ("demo_pool_connect_give_ups", "Connects that failed for good",
              stats.give_ups),
+            ("demo_pool_leaks", "Checkouts reported as held longer than leak_threshold",
+             stats.leaks),
             ("demo_pool_connect_fast_failures", "Connects refused at once while failing fast",
              stats.fast_failures),
             ("demo_pool_outages", "Outages that ended (connects succeeded again)",

@@ -20,6 +20,7 @@ from .pool import (
     FaultTolerantNullPool,
     FaultTolerantQueuePool,
 )
+from .shutdown import PoolClosed, ShutdownReport, drain, shutdown
 from .stats import LastError, PoolStats
 
 __all__ = [
@@ -33,11 +34,15 @@ __all__ = [
     "FaultTolerantQueuePool",
     "FileCredentials",
     "LastError",
+    "PoolClosed",
     "PoolStats",
     "RdsIamCredentials",
     "RetryPolicy",
+    "ShutdownReport",
     "TooManyWaiting",
     "Verdict",
     "classify",
+    "drain",
+    "shutdown",
 ]
 __version__ = "0.1.0"

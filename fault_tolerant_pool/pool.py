@@ -5,10 +5,11 @@ invalidation, recycle or a failed pre-ping) through the callable built by
 ``Pool._should_wrap_creator``; wrapping it there is the connect half of the integration (retry,
 credentials). The checkout half is two hooks of the queue pool: ``_do_get`` hands the record
 taken from the queue to :class:`Upkeep` before SQLAlchemy lends it (lifetime, liveness), and
-``_do_return_conn`` asks it what to do with a returned one (lifetime, idle). The queue holds up
-to ``pool_size + max_overflow`` idle connections, and :class:`OverflowIdle` tells at checkin when
-one above ``pool_size`` has been unneeded for ``overflow_idle``. The queue, events, pre-ping and
-recycle stay SQLAlchemy's.
+``_do_return_conn`` asks it what to do with a returned one (lifetime, idle, drain). The queue
+holds up to ``pool_size + max_overflow`` idle connections, and :class:`OverflowIdle` tells at
+checkin when one above ``pool_size`` has been unneeded for ``overflow_idle``. With
+``leak_threshold`` set, ``connect`` and ``_do_return_conn`` tell the leak tracker too. The queue,
+events, pre-ping and recycle stay SQLAlchemy's.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection, _ConnDialect
 from sqlalchemy.util import await_only
+from sqlalchemy.util import queue as sqla_queue
 
 from . import credentials as _credentials
-from . import timeouts, watchdog
+from . import leaks, timeouts, watchdog
 from .classify import Classifier, classify
 from .connector import RetryingConnector
 from .credentials import CredentialSource
@@ -38,6 +40,7 @@ from .doubt import Doubt, ping_mode
 from .endpoint import connect_arguments, endpoint_of, password_of
 from .errors import too_many_waiting
 from .hosts import HostRotation, wants_writer
+from .leaks import DEFAULT_LEAK_THRESHOLD, LeakTracker
 from .lifetime import (
     DEFAULT_LIFETIME_JITTER,
     DEFAULT_MAX_IDLE,
@@ -56,6 +59,7 @@ from .policy import (
     _optional_seconds,
 )
 from .probe import Gate, WaitingRoom
+from .shutdown import PoolClosed, ShutdownReport, close_pool
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
@@ -86,6 +90,8 @@ class FaultTolerance:
     """Statement-time signals of a demoted writer (``demotion_check``)."""
     doubt: Doubt = field(default_factory=Doubt, compare=False)
     ping_timeout: float | None = DEFAULT_PING_TIMEOUT
+    leaks: LeakTracker | None = field(default=None, compare=False)
+    """The checkouts and their leak reports (``leak_threshold``), shared by recreated pools."""
 
     def handle_error(self, context: Any) -> None:
         """The engine's ``handle_error`` listener (the first one; the application's come after):
@@ -131,6 +137,7 @@ class FaultTolerance:
         fail_fast: Any = True,
         max_waiting: Any = None,
         overflow_idle: Any = DEFAULT_OVERFLOW_IDLE,
+        leak_threshold: Any = DEFAULT_LEAK_THRESHOLD,
     ) -> FaultTolerance:
         if retry_classifier is not None and not callable(retry_classifier):
             raise ArgumentError(
@@ -161,6 +168,7 @@ class FaultTolerance:
             secrets=secrets,
         )
         counters.listener = telemetry
+        threshold = leaks.leak_threshold(leak_threshold)
         writer = wants_writer(arguments)
         demotion = (
             DemotionWatch(writer, counters.demoted)
@@ -190,6 +198,7 @@ class FaultTolerance:
             secrets=secrets,
             gate=gate,
             overflow_idle=overflow_idle_seconds(overflow_idle),
+            leaks=None if threshold is None else LeakTracker(threshold, counters),
         )
 
 
@@ -251,6 +260,8 @@ class _FaultTolerantPool(Pool):
     _waiting_room: WaitingRoom | None = None
     """The gate's room when ``max_waiting`` is set: slot waiters count too."""
     _overflow_idle: OverflowIdle | None = None
+    _leaks: LeakTracker | None
+    _closed: PoolClosed | None
 
     def _init_fault_tolerance(self, arguments: dict[str, Any], kw: dict[str, Any]) -> None:
         """Validate this project's keyword arguments (``arguments`` is the ``__init__``'s
@@ -264,9 +275,14 @@ class _FaultTolerantPool(Pool):
         self._telemetry = self._fault_tolerance.telemetry
         room = self._fault_tolerance.gate.room
         self._waiting_room = room if room.limit is not None else None
+        self._leaks = self._fault_tolerance.leaks
+        self._closed = None
 
     def _install_credentials(self) -> None:
-        """Called once SQLAlchemy's ``__init__`` has set the dialect."""
+        """Called once SQLAlchemy's ``__init__`` has set the dialect (which also tells the leak
+        tracker how to watch: on the event loop or from a thread)."""
+        if self._leaks is not None:
+            self._leaks.use_loop(bool(self._dialect.is_async))
         if self._fault_tolerance.credentials is None:
             return
         if isinstance(self._dialect, _ConnDialect):
@@ -290,9 +306,8 @@ class _FaultTolerantPool(Pool):
             secrets=ft.secrets,
             credentials=credentials,
             in_loop=self._in_loop,
-            on_connect=self._connected
-            if self._upkeep is not None or (ft.demotion is not None and self._keeps_connections)
-            else None,
+            # a pool that keeps connections always stamps them: drain() may add an upkeep later
+            on_connect=self._connected if self._keeps_connections else None,
             ping=self._ping_new if ft.ping is not False else None,
             doubt=ft.doubt if ft.ping is None else None,
             discard=self._discard_new,
@@ -343,18 +358,48 @@ class _FaultTolerantPool(Pool):
         self._invalidate_time = time.time()
 
     def connect(self) -> PoolProxiedConnection:
-        """SQLAlchemy's checkout, measured: wait time, pending requests, timeouts, slow spans."""
+        """SQLAlchemy's checkout, measured (wait time, pending requests, timeouts, slow spans),
+        refused once the pool is shut down, told to the leak tracker when there is one."""
+        if self._closed is not None:
+            raise self._closed
         telemetry = self._telemetry
         if not telemetry.active():  # only the API's no-op providers: nothing would be kept
-            return super().connect()
-        checkout = telemetry.checkout_started(self._would_wait())
-        try:
             connection = super().connect()
-        except BaseException as error:
-            telemetry.checkout_failed(checkout, error)
-            raise
-        telemetry.checked_out(checkout, connection)
+        else:
+            checkout = telemetry.checkout_started(self._would_wait())
+            try:
+                connection = super().connect()
+            except BaseException as error:
+                telemetry.checkout_failed(checkout, error)
+                raise
+            telemetry.checked_out(checkout, connection)
+        if self._leaks is not None:
+            record: Any = connection._connection_record
+            self._leaks.checked_out(record, record.fairy_ref)
         return connection
+
+    # -- drain and shutdown (see fault_tolerant_pool.shutdown) ------------------------------------
+
+    def drain(self) -> int:
+        """Replace every connection without failing a request: idle ones are closed now,
+        checked-out ones when they come back, and every later checkout gets a connection made
+        after this call. Returns how many idle connections were closed. In an async engine, call
+        ``await fault_tolerant_pool.drain(engine)``."""
+        return 0
+
+    def close(self, timeout: float = 30.0) -> ShutdownReport:
+        """Stop lending, wait up to ``timeout`` s for checked-out connections (each is closed as
+        it comes back), then close everything; stragglers are reported as leaks and their
+        sockets shut down. In an async engine, ``await fault_tolerant_pool.shutdown(engine)``."""
+        return close_pool(self, timeout, sleep=self._backoff_sleep)
+
+    def _out_now(self) -> int:
+        return self._gauges()[2]
+
+    def _refuse(self, refusal: PoolClosed) -> None:
+        """From now on no checkout is served (``refusal`` is raised), and returned connections
+        are closed."""
+        self._closed = refusal
 
     def _would_wait(self) -> bool:
         """Whether a checkout now must wait for a slot (no idle connection, none may be opened)."""
@@ -381,7 +426,9 @@ class _FaultTolerantPool(Pool):
     def stats(self) -> PoolStats:
         """A snapshot of what the pool did and holds; see :class:`PoolStats`."""
         ft = self._fault_tolerance
-        return ft.counters.snapshot(*self._gauges(), ft.gate.figures())
+        leaks = self._leaks
+        oldest = None if leaks is None else leaks.oldest_age()
+        return ft.counters.snapshot(*self._gauges(), ft.gate.figures(), oldest)
 
     def _gauges(self) -> tuple[int, int, int, int]:
         raise NotImplementedError
@@ -427,6 +474,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         fail_fast: bool = True,
         max_waiting: int | None = None,
         overflow_idle: float = DEFAULT_OVERFLOW_IDLE,
+        leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -478,6 +526,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         telemetry = self._telemetry
         if telemetry._measuring:  # never measured before: no checkout of it was measured
             telemetry.checked_in(record)
+        if self._leaks is not None:
+            self._leaks.checked_in(record)
         upkeep = self._upkeep
         if upkeep is not None:
             idle = self._pool.qsize() if upkeep.idle is not None else 0
@@ -521,6 +571,46 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
 
     def checkedout(self) -> int:
         return self._pool_size - self._pool.qsize() + self._overflow
+
+    def drain(self) -> int:
+        self._upkeep_for_drain().drain()
+        return self._close_stale_idle()
+
+    def _refuse(self, refusal: PoolClosed) -> None:
+        self._closed = refusal
+        self._upkeep_for_drain().close(refusal)
+        self._close_stale_idle()
+
+    def _upkeep_for_drain(self) -> Upkeep:
+        """The upkeep, installed now (with every rule off) on a pool that had none."""
+        if self._upkeep is None:
+            ft = self._fault_tolerance
+            self._upkeep = Upkeep(ft.lifetime, LivenessPolicy(check=False), ft.counters)
+        return self._upkeep
+
+    def _close_stale_idle(self) -> int:
+        """Close the idle connections made before the latest drain; their slots stay."""
+        upkeep = self._upkeep_for_drain()
+        taken = []
+        for _ in range(self._pool.qsize()):
+            try:
+                taken.append(self._pool.get(False))
+            except sqla_queue.Empty:
+                break
+        stale = [record for record in taken if upkeep.stale(record)]
+        for record in taken:
+            if not upkeep.stale(record):
+                QueuePool._do_return_conn(self, record)
+        for index, record in enumerate(stale):
+            try:
+                self._fault_tolerance.counters.retire("drain")
+                record.close()
+            except BaseException:  # cancelled, or no greenlet: no slot may be lost
+                for left in stale[index:]:
+                    QueuePool._do_return_conn(self, left)
+                raise
+            QueuePool._do_return_conn(self, record)  # the empty slot goes back
+        return len(stale)
 
     def recreate(self) -> FaultTolerantQueuePool:
         self.logger.info("Pool recreating")
@@ -595,6 +685,7 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         fail_fast: bool = True,
         max_waiting: int | None = None,
         overflow_idle: float = DEFAULT_OVERFLOW_IDLE,
+        leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD,
         _fault_tolerance: FaultTolerance | None = None,
         **kw: Any,
     ) -> None:
@@ -620,6 +711,8 @@ class FaultTolerantNullPool(_FaultTolerantPool, NullPool):
         telemetry = self._telemetry
         if telemetry._measuring:
             telemetry.checked_in(record)
+        if self._leaks is not None:
+            self._leaks.checked_in(record)
         self._lent.discard(record)
         NullPool._do_return_conn(self, record)
 

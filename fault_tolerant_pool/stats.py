@@ -1,7 +1,8 @@
 """What the pool did: counters written on the connect path only, read as an immutable snapshot.
 
-Besides the connect path, the counters are touched when credentials are fetched and when a
-connection is retired; an ordinary checkout or checkin writes nothing here.
+Besides the connect path, the counters are touched when credentials are fetched, when a
+connection is retired and when a leak is reported; an ordinary checkout or checkin writes nothing
+here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
     from .probe import GateFigures
 
 #: Why a pooled connection was closed by the pool before its time: see ``PoolStats.retired_*``.
-Retirement = Literal["lifetime", "idle", "liveness", "overflow"]
+Retirement = Literal["lifetime", "idle", "liveness", "overflow", "drain"]
+#: What a leak report is about (see ``fault_tolerant_pool.leaks``).
+LeakKind = Literal["held", "reclaimed", "shutdown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,17 @@ class PoolStats:
     """Checkouts refused at once because ``max_waiting`` callers were already waiting."""
     retired_overflow: int = 0
     """Connections above ``pool_size`` closed after the pool held them idle ``overflow_idle``."""
+    retired_drain: int = 0
+    """Connections closed because ``drain()`` (or a shutdown) was called after they were made."""
+    leaks: int = 0
+    """Checkouts reported as held longer than ``leak_threshold`` (each once)."""
+    leaks_reclaimed: int = 0
+    """Connections never returned: reclaimed by SQLAlchemy's garbage-collector cleanup."""
+    leaks_at_shutdown: int = 0
+    """Connections still checked out when a shutdown's timeout ran out (closed, reported)."""
+    oldest_checkout_age: float | None = None
+    """Seconds the oldest connection now checked out has been out (0.0: none is); None when
+    ``leak_threshold`` is off (the pool then keeps no record of its checkouts)."""
 
 
 class CounterListener(Protocol):
@@ -93,6 +107,8 @@ class CounterListener(Protocol):
     def credentials_refreshed(self) -> None: ...
 
     def retired(self, reason: str) -> None: ...
+
+    def leaked(self, kind: str) -> None: ...
 
 
 class ConnectCounters:
@@ -108,6 +124,7 @@ class ConnectCounters:
         "failed_attempts",
         "give_ups",
         "last_error",
+        "leaks",
         "listener",
         "ping_timeouts",
         "retired",
@@ -123,8 +140,9 @@ class ConnectCounters:
         self.credential_fetches = 0
         self.credential_refreshes = 0
         self.retired: dict[Retirement, int] = {
-            "lifetime": 0, "idle": 0, "liveness": 0, "overflow": 0,
+            "lifetime": 0, "idle": 0, "liveness": 0, "overflow": 0, "drain": 0,
         }  # fmt: skip
+        self.leaks: dict[LeakKind, int] = {"held": 0, "reclaimed": 0, "shutdown": 0}
         self.listener: CounterListener | None = None
         self.demotions = 0
         self.ping_timeouts = 0
@@ -168,6 +186,12 @@ class ConnectCounters:
         if self.listener is not None:
             self.listener.retired(reason)
 
+    def leaked(self, kind: LeakKind) -> None:
+        with self._lock:
+            self.leaks[kind] += 1
+        if self.listener is not None:
+            self.listener.leaked(kind)
+
     def snapshot(
         self,
         size: int,
@@ -175,6 +199,7 @@ class ConnectCounters:
         checked_out: int,
         overflow: int,
         gate: GateFigures | None = None,
+        oldest_checkout_age: float | None = None,
     ) -> PoolStats:
         stats = PoolStats(
             connects=self.connects,
@@ -194,6 +219,11 @@ class ConnectCounters:
             retired_overflow=self.retired["overflow"],
             demotions=self.demotions,
             ping_timeouts=self.ping_timeouts,
+            retired_drain=self.retired["drain"],
+            leaks=self.leaks["held"],
+            leaks_reclaimed=self.leaks["reclaimed"],
+            leaks_at_shutdown=self.leaks["shutdown"],
+            oldest_checkout_age=oldest_checkout_age,
         )
         if gate is None:
             return stats

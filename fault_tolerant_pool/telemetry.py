@@ -85,9 +85,13 @@ OUTAGE_DURATION = "fault_tolerant_pool.connect.outage.duration"
 #: The attribute of ``fault_tolerant_pool.connect.state`` (see :mod:`fault_tolerant_pool.probe`).
 CONNECT_STATE_ATTRIBUTE = "fault_tolerant_pool.connect.state"
 CONNECT_STATES = ("healthy", "failing", "failing_fast", "recovering")
+LEAKS = "fault_tolerant_pool.connection.leaks"
+LEAK_KIND = "fault_tolerant_pool.leak.kind"
 
 #: Retirement reasons (the values of ``fault_tolerant_pool.retirement.reason``).
-RETIREMENT_REASONS = ("lifetime", "idle", "liveness", "overflow")
+RETIREMENT_REASONS = ("lifetime", "idle", "liveness", "overflow", "drain")
+#: Leak report kinds (the values of ``fault_tolerant_pool.leak.kind``).
+LEAK_KINDS = ("held", "reclaimed", "shutdown")
 
 #: Histogram buckets in seconds: from an instant checkout (0.1 ms) to a long retry sequence.
 DURATION_BUCKETS = (
@@ -238,6 +242,11 @@ class _Instruments:
             RETIREMENTS, "{connection}",
             "Connections closed by the pool because of their lifetime, idle time, a failed "
             "liveness check or idle overflow, by fault_tolerant_pool.retirement.reason.",
+        )  # fmt: skip
+        self.leaks = counter(
+            LEAKS, "{connection}",
+            "Connections reported as leaked: held longer than leak_threshold, reclaimed by the "
+            "garbage collector, or still out at shutdown, by fault_tolerant_pool.leak.kind.",
         )  # fmt: skip
         meter.create_observable_up_down_counter(
             CONNECTION_COUNT, [self._observe_count], "{connection}",
@@ -691,6 +700,12 @@ class PoolTelemetry:
         if attributes is None:
             raise ValueError(f"retirement reason must be one of {RETIREMENT_REASONS}: {reason!r}")
         self._instruments.retirements.add(1, attributes)
+
+    def leaked(self, kind: str) -> None:
+        """Count a leak report: ``kind`` is held, reclaimed or shutdown."""
+        if kind not in LEAK_KINDS:
+            raise ValueError(f"leak kind must be one of {LEAK_KINDS}: {kind!r}")
+        self._instruments.leaks.add(1, {POOL_NAME: self.pool_name, LEAK_KIND: kind})
 
 
 class ConnectTrace:

@@ -3,7 +3,9 @@
 Before lending (checkout): a connection past its lifetime is retired, a dead one is replaced.
 On return (checkin): a connection past its lifetime is retired, and one is closed when the pool
 has held more idle connections than it used for ``max_idle``. Nothing happens to a connection
-while it is checked out. A retired or replaced connection leaves its pool slot empty, and
+while it is checked out. ``drain()`` starts a new generation: a connection made before it is
+retired at its next checkout or checkin, whichever comes first (see :mod:`.shutdown`). A
+retired or replaced connection leaves its pool slot empty, and
 SQLAlchemy's ``get_connection()`` fills it again through the pool's creator, that is through
 the retry loop, before the caller sees it.
 """
@@ -14,7 +16,7 @@ import logging
 import random as _random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DisconnectionError
 
@@ -22,6 +24,9 @@ from .demotion import DemotionWatch
 from .lifetime import IdleWindow, LifetimePolicy
 from .liveness import LivenessPolicy, Probe, probe_for
 from .stats import ConnectCounters, Retirement
+
+if TYPE_CHECKING:
+    from .shutdown import PoolClosed
 
 logger = logging.getLogger("fault_tolerant_pool.upkeep")
 
@@ -35,15 +40,19 @@ _LIFE = "_fault_tolerant_pool_life"
 
 class ConnectionLife:
     """Per physical connection: its retirement deadline, when it was last returned, its probe,
-    and whether it is fresh (not returned yet: made for the checkout that lends it)."""
+    and whether it is fresh (not returned yet: made for the checkout that lends it), and the
+    pool's generation (see :meth:`Upkeep.drain`) when it was made."""
 
-    __slots__ = ("deadline", "fresh", "last_used", "probe")
+    __slots__ = ("deadline", "fresh", "generation", "last_used", "probe")
 
-    def __init__(self, deadline: float, last_used: float, probe: Probe | None) -> None:
+    def __init__(
+        self, deadline: float, last_used: float, probe: Probe | None, generation: int = 0
+    ) -> None:
         self.deadline = deadline
         self.last_used = last_used
         self.probe = probe
         self.fresh = True
+        self.generation = generation
 
 
 def life_of(record: Any) -> ConnectionLife | None:
@@ -73,6 +82,10 @@ class Upkeep:
         self.demotion: DemotionWatch | None = None
         """Judges what the liveness ping learnt: a server demoted since the connect."""
         self.invalidate_pool: Callable[[], None] = _nothing
+        self.generation = 0
+        """Bumped by :meth:`drain`; a connection of an older generation is not lent again."""
+        self.closed: PoolClosed | None = None
+        """Set by :meth:`close`: no checkout is served any more."""
 
     @classmethod
     def wanted(cls, lifetime: LifetimePolicy, liveness: LivenessPolicy) -> bool:
@@ -84,8 +97,25 @@ class Upkeep:
         now = self.clock()
         probe = probe_for(driver_connection) if self.probing else None
         record.__dict__[_LIFE] = ConnectionLife(
-            self.lifetime.deadline(now, self.random), now, probe
+            self.lifetime.deadline(now, self.random), now, probe, self.generation
         )
+
+    def drain(self) -> None:
+        """From now on, every connection made before this call is retired instead of lent."""
+        self.generation += 1
+
+    def close(self, refusal: PoolClosed) -> None:
+        """Drain, and refuse every checkout from now on with ``refusal``."""
+        self.closed = refusal
+        self.drain()
+
+    def stale(self, record: Any) -> bool:
+        """Whether ``record`` holds a connection made before the latest :meth:`drain`."""
+        if record.dbapi_connection is None:
+            return False
+        life: ConnectionLife | None = record.__dict__.get(_LIFE)
+        # no life: made before this upkeep existed (a drain installs one on a pool without rules)
+        return self.generation != (0 if life is None else life.generation)
 
     def checkout(self, record: Any, dialect: Any) -> None:
         """Before lending ``record``'s connection: retire it if expired, replace it if dead.
@@ -94,7 +124,11 @@ class Upkeep:
         """
         life: ConnectionLife | None = record.__dict__.get(_LIFE)
         connection = record.dbapi_connection
-        if life is None or connection is None:
+        if life is None or connection is None or life.generation != self.generation:
+            if self.closed is not None:
+                raise self.closed
+            if self.stale(record):
+                self._retire(record, "drain")
             return
         now = self.clock()
         if now >= life.deadline:
@@ -125,8 +159,13 @@ class Upkeep:
         The caller closes the connection for REPLACE and SHRINK (see the module docstring).
         """
         life: ConnectionLife | None = record.__dict__.get(_LIFE)
-        if life is None or record.dbapi_connection is None:
-            return KEEP
+        if life is None or record.dbapi_connection is None or life.generation != self.generation:
+            if not self.stale(record):
+                return KEEP
+            self.counters.retire("drain")
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("retiring a pooled connection at checkin (drain)")
+            return REPLACE
         now = self.clock()
         window = self.idle
         shrink = window is not None and window.retire_on_checkin(now, idle)

@@ -72,6 +72,8 @@ def test_sqlalchemy_pool_arguments_still_reach_the_pool() -> None:
         ({"max_waiting": -1}, "max_waiting"),
         ({"max_waiting": "many"}, "max_waiting"),
         ({"max_waiting": 2.5}, "max_waiting"),
+        ({"leak_threshold": 0}, "leak_threshold"),
+        ({"leak_threshold": "soon"}, "leak_threshold"),
     ],
 )
 def test_bad_settings_are_refused_at_engine_creation(

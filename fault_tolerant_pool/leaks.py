@@ -1,0 +1,396 @@
+"""Leak detection: who holds a connection longer than ``leak_threshold``, and from where.
+
+At checkout (only when ``leak_threshold`` is set) the pool notes the time, the holder (the asyncio
+task's name, or the thread's) and the checkout site: a walk of the frames as (code, offset) pairs,
+nothing formatted. One watcher per pool (a ``call_later`` on the event loop for async engines, a
+daemon thread for sync ones), started lazily and asleep until the earliest checkout reaches the
+threshold, reports each connection once while it is still out: a WARNING on
+``fault_tolerant_pool.leak`` with the holder, the age and the application's frames of the checkout
+(SQLAlchemy's, the pool's and the event loop's left out). When it comes back, one INFO. A
+connection that SQLAlchemy's garbage collector reclaims (never returned) is reported with the same
+site. HikariCP's ``leakDetectionThreshold`` is the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import linecache
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import CodeType
+from typing import Any, Protocol
+
+import sqlalchemy
+from greenlet import getcurrent  # type: ignore[import-untyped]
+
+from .errors import redact
+from .lifetime import optional_seconds
+from .stats import LeakKind
+
+logger = logging.getLogger("fault_tolerant_pool.leak")
+
+#: Off unless asked for (HikariCP's default too).
+DEFAULT_LEAK_THRESHOLD: float | None = None
+#: Frames kept per checkout, innermost first: the checkout site and its callers.
+MAX_FRAMES = 32
+
+#: What a report is about: held past the threshold, reclaimed by the garbage collector, still
+#: out when the pool shut down.
+LEAK_KINDS: tuple[LeakKind, ...] = ("held", "reclaimed", "shutdown")
+
+
+def leak_threshold(value: Any) -> float | None:
+    """``leak_threshold``: a positive number of seconds, or None (off)."""
+    return optional_seconds("leak_threshold", value)
+
+
+# -- the checkout site --------------------------------------------------------------------------
+
+Stack = list[Any]
+"""Innermost first, flat: each frame's code, then the offset of its current instruction (one
+list per checkout, no tuple per frame: fewer objects for the garbage collector to count)."""
+
+
+#: Where a task's own stack begins: frames above it belong to whoever runs the event loop.
+_LOOP_STEP: CodeType = asyncio.events.Handle._run.__code__
+
+
+def capture_stack(greenlet_parent: Callable[[], Any] | None = None) -> Stack:
+    """The caller's frames, cheaply: no line numbers, no strings (resolved when reported).
+
+    ``greenlet_parent``: for async engines, returns the frame the parent greenlet (the event
+    loop's task) is suspended in; the pool's code runs in SQLAlchemy's greenlet, whose own frames
+    end where it was spawned, so the walk goes on from there to the application's coroutines,
+    up to the event loop's step of the task.
+    """
+    stack: Stack = []
+    append = stack.append
+    left = MAX_FRAMES
+    frame: Any = sys._getframe(2)
+    while frame is not None and left:
+        code = frame.f_code
+        if code is _LOOP_STEP:
+            break
+        append(code)
+        append(frame.f_lasti)
+        left -= 1
+        frame = frame.f_back
+        if frame is None and greenlet_parent is not None:
+            frame = greenlet_parent()
+            greenlet_parent = None
+    return stack
+
+
+def _greenlet_parent_frame() -> Any:
+    parent = getcurrent().parent
+    return None if parent is None else parent.gr_frame
+
+
+def _line_of(code: CodeType, offset: int) -> int:
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+def _package_dirs(module: Any) -> set[str]:
+    """A package's directory as imported and as resolved (they differ behind a symlink)."""
+    path = Path(module.__file__)
+    return {str(path.parent) + os.sep, str(path.resolve().parent) + os.sep}
+
+
+def _hidden_prefixes() -> tuple[str, ...]:
+    """Frames left out of a report: the house (SQLAlchemy, greenlet), the pool itself, and what
+    runs every task or thread (the event loop, executors)."""
+    import concurrent.futures
+
+    import greenlet
+
+    modules = (sqlalchemy, greenlet, asyncio, concurrent.futures, sys.modules[__package__])
+    return tuple(sorted(set().union(*(_package_dirs(module) for module in modules))))
+
+
+_HIDDEN_PREFIXES = _hidden_prefixes()
+_THREADING = {threading.__file__, str(Path(threading.__file__).resolve())}
+
+
+def _hidden(filename: str) -> bool:
+    return filename.startswith(_HIDDEN_PREFIXES) or filename in _THREADING
+
+
+class Site:
+    """A checkout site resolved for a report: the application's frames, outermost first."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, stack: Stack) -> None:
+        shown: list[tuple[str, int, str]] = []
+        for code, offset in zip(stack[::2], stack[1::2], strict=True):
+            if not _hidden(code.co_filename):
+                shown.append((code.co_filename, _line_of(code, offset), code.co_name))
+        shown.reverse()
+        self.frames = shown
+
+    def innermost(self) -> str:
+        """``file:line in function`` of the frame that checked the connection out."""
+        if not self.frames:
+            return "an unknown site (no application frame)"
+        filename, line, function = self.frames[-1]
+        return f"{filename}:{line} in {function}"
+
+    def format(self) -> str:
+        lines = []
+        for filename, line, function in self.frames:
+            lines.append(f'  File "{filename}", line {line}, in {function}')
+            source = linecache.getline(filename, line).strip()
+            if source:  # a URL's password or a password= pair in the source is scrubbed
+                lines.append(f"    {redact(source)}")
+        return "\n".join(lines)
+
+
+# -- one checkout ------------------------------------------------------------------------------
+
+
+class Checkout:
+    """One connection out of the pool: since when, held by whom, checked out where."""
+
+    __slots__ = ("fairy", "reported", "stack", "started", "who")
+
+    def __init__(self, started: float, who: Any, stack: Stack, fairy: Any) -> None:
+        self.started = started
+        self.who = who
+        """The holding task's name, or the holding thread itself."""
+        self.stack = stack
+        self.fairy = fairy
+        """A weak reference to the connection SQLAlchemy lent (dead once it was reclaimed)."""
+        self.reported = False
+
+    @property
+    def holder(self) -> str:
+        """``task 'name'`` or ``thread 'name'``."""
+        who = self.who
+        if isinstance(who, threading.Thread):
+            return f"thread {who.name!r}"  # read now: threads get renamed
+        return f"task {who!r}"
+
+
+def holder_in_loop() -> Any:
+    """The name of the asyncio task checking out, else the thread."""
+    try:
+        task = _current_task()
+    except RuntimeError:  # no event loop in this thread
+        task = None
+    if task is None:
+        return _current_thread()
+    return task.get_name()
+
+
+_current_task = asyncio.current_task
+_current_thread = threading.current_thread
+
+
+class LeakListener(Protocol):
+    """Told of every report (the counters behind ``stats()`` and the metric)."""
+
+    def leaked(self, kind: LeakKind) -> None: ...
+
+
+class Watcher(Protocol):
+    """Calls ``tracker.watch()`` once ``delay`` seconds from now (started lazily)."""
+
+    def ensure(self, delay: float) -> None: ...
+
+
+class LeakTracker:
+    """The checkouts of one pool (and of the pools it is recreated as) and their reports.
+
+    Pure bookkeeping with an injected clock: :meth:`watch` reports what is due and says when to
+    look again; a :class:`Watcher` decides how to wait for that.
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        listener: LeakListener | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        in_loop: bool = False,
+    ) -> None:
+        self.threshold = threshold
+        self.listener = listener
+        self.clock = clock
+        self.out: dict[Any, Checkout] = {}
+        self._lock = threading.Lock()  # one watch at a time: each checkout is reported once
+        self.in_loop = in_loop
+        self.watcher: Watcher = LoopWatcher(self) if in_loop else ThreadWatcher(self)
+
+    def use_loop(self, in_loop: bool) -> None:
+        """Choose the watcher: the event loop (async engines) or a thread (sync engines)."""
+        if in_loop != self.in_loop:
+            self.in_loop = in_loop
+            self.watcher = LoopWatcher(self) if in_loop else ThreadWatcher(self)
+
+    # -- the checkout path -------------------------------------------------------------------
+
+    def checked_out(self, record: Any, fairy_ref: Any) -> None:
+        """``record``'s connection was lent; ``fairy_ref`` is SQLAlchemy's weak reference to
+        what it lent."""
+        if self.in_loop:
+            entry = Checkout(
+                self.clock(), holder_in_loop(), capture_stack(_greenlet_parent_frame), fairy_ref
+            )
+        else:
+            entry = Checkout(self.clock(), _current_thread(), capture_stack(), fairy_ref)
+        self.out[record] = entry
+        self.watcher.ensure(self.threshold)
+
+    def checked_in(self, record: Any) -> None:
+        """``record`` came back: by the application, or reclaimed by the garbage collector."""
+        entry = self.out.pop(record, None)
+        if entry is None:
+            return
+        fairy_ref = entry.fairy
+        if fairy_ref is not None and fairy_ref() is None:
+            self._report(entry, "reclaimed", self.clock())
+        elif entry.reported:
+            logger.info(
+                "previously reported leaked connection of %s returned after %.2fs",
+                entry.holder, self.clock() - entry.started,
+            )  # fmt: skip
+
+    # -- the watcher's side ------------------------------------------------------------------
+
+    def watch(self) -> float | None:
+        """Report every checkout past the threshold not reported yet; seconds until the next
+        one is due, or None when no checkout is waiting for a report."""
+        with self._lock:
+            now = self.clock()
+            due_at = None
+            for entry in list(self.out.values()):
+                if entry.reported:
+                    continue
+                deadline = entry.started + self.threshold
+                if deadline <= now:
+                    entry.reported = True
+                    self._report(entry, "held", now)
+                elif due_at is None or deadline < due_at:
+                    due_at = deadline
+            return None if due_at is None else due_at - now
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest connection still out has been out (0.0 when none is)."""
+        starts = [entry.started for entry in list(self.out.values())]
+        return self.clock() - min(starts) if starts else 0.0
+
+    def stragglers(self) -> list[tuple[Any, Checkout]]:
+        return list(self.out.items())
+
+    def report_straggler(self, entry: Checkout) -> None:
+        """Still out when the pool shut down: reported (again, if it was) as a leak."""
+        entry.reported = True
+        self._report(entry, "shutdown", self.clock())
+
+    def _report(self, entry: Checkout, kind: LeakKind, now: float) -> None:
+        site = Site(entry.stack)
+        age = now - entry.started
+        if kind == "held":
+            what = (
+                f"connection leak: checked out {age:.2f}s ago by {entry.holder} and not returned "
+                f"(leak_threshold={self.threshold:g}s)"
+            )
+        elif kind == "reclaimed":
+            what = (
+                f"connection leak: checked out by {entry.holder} {age:.2f}s ago and never "
+                "returned; reclaimed by the garbage collector"
+            )
+        else:
+            what = (
+                f"connection leak: still checked out by {entry.holder} after {age:.2f}s when the "
+                "pool shut down; closing it"
+            )
+        logger.warning(
+            "%s; checked out at %s\nStack of the checkout (most recent call last; SQLAlchemy's "
+            "and the pool's frames left out):\n%s",
+            what, site.innermost(), site.format(),
+        )  # fmt: skip
+        if self.listener is not None:
+            self.listener.leaked(kind)
+
+
+# -- watchers ----------------------------------------------------------------------------------
+
+
+class LoopWatcher:
+    """Async engines: one ``call_later`` on the running event loop at a time."""
+
+    __slots__ = ("_fallback", "_handle", "_loop", "tracker")
+
+    def __init__(self, tracker: LeakTracker) -> None:
+        self.tracker = tracker
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fallback: ThreadWatcher | None = None
+
+    def ensure(self, delay: float) -> None:
+        if self._handle is not None and self._loop is not None and not self._loop.is_closed():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a checkout outside any event loop: watch from a thread
+            if self._fallback is None:
+                self._fallback = ThreadWatcher(self.tracker)
+            self._fallback.ensure(delay)
+            return
+        self._loop = loop
+        self._handle = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        delay = self.tracker.watch()
+        if delay is not None and self._loop is not None:
+            self._handle = self._loop.call_later(delay, self._fire)
+
+
+class ThreadWatcher:
+    """Sync engines: a daemon thread asleep until the next report is due; it ends when nothing
+    is out and the next checkout starts it again."""
+
+    __slots__ = ("_lock", "_thread", "tracker")
+
+    def __init__(self, tracker: LeakTracker) -> None:
+        self.tracker = tracker
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def ensure(self, delay: float) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, args=(delay,), name="fault_tolerant_pool.leak", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self, delay: float) -> None:
+        me = threading.current_thread()
+        while True:
+            time.sleep(delay)
+            next_delay = self.tracker.watch()
+            if next_delay is None:
+                with self._lock:
+                    self._thread = None
+                # a checkout made meanwhile saw this thread running and started none: look again
+                next_delay = self.tracker.watch()
+                if next_delay is None:
+                    return
+                with self._lock:
+                    if self._thread is not None:
+                        return  # a checkout started another one
+                    self._thread = me
+            delay = next_delay
