@@ -168,6 +168,33 @@ async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
+async def _marked(run: Run, name: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Run a blocking fault in a thread; mark ``<name>ing`` before it, ``<name>ed`` after."""
+    run.marks[f"{name}ing"] = time.monotonic()
+    await _thread(fn, *args)
+    run.marks[f"{name}ed"] = time.monotonic()
+
+
+async def _scenario(
+    scenario: str,
+    url: str,
+    driver: str,
+    poolclass: type,
+    setup: str,
+    workers: int,
+    timeline: Callable[[Run], Awaitable[None]],
+    engine_kw: dict[str, Any],
+    **load_kw: Any,
+) -> Run:
+    """One engine on ``url`` (pool ``workers`` + 0), the write load while ``timeline`` runs."""
+    engine = engine_for(url, poolclass, pool_size=workers, **engine_kw)
+    run = Run(scenario, setup, driver, time.monotonic())
+    try:
+        return await run_load(run, engine, workers, timeline, **load_kw)
+    finally:
+        await asyncio.wait_for(engine.dispose(), 30)
+
+
 # -- the scenarios ------------------------------------------------------------------------------
 
 
@@ -186,24 +213,18 @@ async def demote_then_promote(
 ) -> Run:
     """The writer turns read-only while reachable; ``gap`` seconds later the standby is
     promoted. Multi-host URL, ``target_session_attrs=read-write``, pool ``workers`` + 0."""
-    url = multi_host_url(driver, [primary, standby])
-    engine = engine_for(url, poolclass, pool_size=workers, **engine_kw)
-    run = Run("demote_then_promote", setup, driver, time.monotonic())
 
     async def timeline(run: Run) -> None:
         await asyncio.sleep(warm)
-        run.marks["demoting"] = time.monotonic()
-        await _thread(primary.set_read_only, True)
-        run.marks["demoted"] = time.monotonic()
+        await _marked(run, "demot", primary.set_read_only, True)
         await asyncio.sleep(gap)
-        await _thread(standby.promote)
-        run.marks["promoted"] = time.monotonic()
+        await _marked(run, "promot", standby.promote)
         await asyncio.sleep(after)
 
-    try:
-        return await run_load(run, engine, workers, timeline)
-    finally:
-        await engine.dispose()
+    url = multi_host_url(driver, [primary, standby])
+    return await _scenario(
+        "demote_then_promote", url, driver, poolclass, setup, workers, timeline, engine_kw
+    )
 
 
 async def stop_then_promote(
@@ -219,23 +240,17 @@ async def stop_then_promote(
     **engine_kw: Any,
 ) -> Run:
     """A plain promotion: the primary stops (fast), the standby is promoted at once."""
-    url = multi_host_url(driver, [primary, standby])
-    engine = engine_for(url, poolclass, pool_size=workers, **engine_kw)
-    run = Run("stop_then_promote", setup, driver, time.monotonic())
 
     async def timeline(run: Run) -> None:
         await asyncio.sleep(warm)
-        run.marks["stopping"] = time.monotonic()
-        await _thread(primary.stop, "fast")
-        run.marks["stopped"] = time.monotonic()
-        await _thread(standby.promote)
-        run.marks["promoted"] = time.monotonic()
+        await _marked(run, "stopp", primary.stop, "fast")
+        await _marked(run, "promot", standby.promote)
         await asyncio.sleep(after)
 
-    try:
-        return await run_load(run, engine, workers, timeline)
-    finally:
-        await engine.dispose()
+    url = multi_host_url(driver, [primary, standby])
+    return await _scenario(
+        "stop_then_promote", url, driver, poolclass, setup, workers, timeline, engine_kw
+    )
 
 
 async def blackholed_first_host(
@@ -250,18 +265,16 @@ async def blackholed_first_host(
     **engine_kw: Any,
 ) -> Run:
     """The first host of the URL drops everything from the start; the second is the primary."""
-    url = multi_host_url(driver, [(proxy.host, proxy.port), primary])
-    engine = engine_for(url, poolclass, pool_size=workers, **engine_kw)
     await _thread(proxy.blackhole)
-    run = Run("blackholed_first_host", setup, driver, time.monotonic())
 
     async def timeline(run: Run) -> None:
         await asyncio.sleep(duration)
 
-    try:
-        return await run_load(run, engine, workers, timeline, timeout=duration)
-    finally:
-        await engine.dispose()
+    url = multi_host_url(driver, [(proxy.host, proxy.port), primary])
+    return await _scenario(
+        "blackholed_first_host", url, driver, poolclass, setup, workers, timeline, engine_kw,
+        timeout=duration,
+    )  # fmt: skip
 
 
 async def blackholed_pooled_connections(
@@ -283,20 +296,14 @@ async def blackholed_pooled_connections(
     think ``pause`` seconds between requests (longer than ``liveness_ping_after``, so a
     checkout pings), and each request has the application's own time limit
     (``request_timeout``) for a statement caught in flight."""
-    url = multi_host_url(driver, [(proxy.host, proxy.port), primary])
-    engine = engine_for(url, poolclass, pool_size=workers, **engine_kw)
-    run = Run("blackholed_pooled_connections", setup, driver, time.monotonic())
 
     async def timeline(run: Run) -> None:
         await asyncio.sleep(warm)
-        run.marks["blackholing"] = time.monotonic()
-        await _thread(proxy.blackhole)
-        run.marks["blackholed"] = time.monotonic()
+        await _marked(run, "blackhol", proxy.blackhole)
         await asyncio.sleep(after)
 
-    try:
-        return await run_load(
-            run, engine, workers, timeline, pause=pause, timeout=request_timeout
-        )
-    finally:
-        await asyncio.wait_for(engine.dispose(), 30)
+    url = multi_host_url(driver, [(proxy.host, proxy.port), primary])
+    return await _scenario(
+        "blackholed_pooled_connections", url, driver, poolclass, setup, workers, timeline,
+        engine_kw, pause=pause, timeout=request_timeout,
+    )  # fmt: skip
