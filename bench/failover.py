@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,32 +53,29 @@ def _fmt(value: float | None) -> str:
     return "never" if value is None else f"{value:.3f}s"
 
 
-async def demote(driver: str, setup: str, workers: int) -> failover.Run:
+async def with_standby(
+    scenario: Callable[..., Awaitable[failover.Run]], driver: str, setup: str, workers: int
+) -> failover.Run:
+    """A scenario on a fresh primary and its hot standby (the standby is the target)."""
     with PostgresServer() as primary:
         failover.prepare(primary)
         standby = primary.standby()
         try:
-            run = await failover.demote_then_promote(
+            run = await scenario(
                 primary, standby, driver, QUEUE_POOLS[setup], setup, workers=workers
             )
             run.marks["standby_port"] = standby.port
             return run
         finally:
             standby.destroy()
+
+
+async def demote(driver: str, setup: str, workers: int) -> failover.Run:
+    return await with_standby(failover.demote_then_promote, driver, setup, workers)
 
 
 async def promote(driver: str, setup: str, workers: int) -> failover.Run:
-    with PostgresServer() as primary:
-        failover.prepare(primary)
-        standby = primary.standby()
-        try:
-            run = await failover.stop_then_promote(
-                primary, standby, driver, QUEUE_POOLS[setup], setup, workers=workers
-            )
-            run.marks["standby_port"] = standby.port
-            return run
-        finally:
-            standby.destroy()
+    return await with_standby(failover.stop_then_promote, driver, setup, workers)
 
 
 async def blackhole(driver: str, setup: str, workers: int) -> failover.Run:

@@ -19,17 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
+import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from fault_tolerant_pool import FaultTolerantNullPool
 from fault_tolerant_pool.testing import PgBouncer, PostgresServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import throughput
 
 
 def _name() -> str:
@@ -50,23 +53,6 @@ SETUPS: dict[str, tuple[type, dict[str, Any]]] = {
     "defaults": (FaultTolerantNullPool, {}),
     "retry_ping": (FaultTolerantNullPool, {"retry_ping": True}),
 }
-
-
-async def throughput(engine: AsyncEngine, seconds: float, tasks: int) -> float:
-    stop = time.perf_counter() + seconds
-    done = 0
-    select = sa.text("SELECT 1")
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            async with engine.connect() as conn:
-                await conn.execute(select)
-            done += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(tasks)))
-    return done / (time.perf_counter() - started)
 
 
 def factory(url: str, driver: str, setup: str) -> Callable[[], AsyncEngine]:
