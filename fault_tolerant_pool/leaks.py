@@ -60,30 +60,47 @@ list per checkout, no tuple per frame: fewer objects for the garbage collector t
 _LOOP_STEP: CodeType = asyncio.events.Handle._run.__code__
 
 
-def capture_stack(greenlet_parent: Callable[[], Any] | None = None) -> Stack:
-    """The caller's frames, cheaply: no line numbers, no strings (resolved when reported).
+def capture_stack(
+    greenlet_parent: Callable[[], Any] | None = None, frame: Any = None
+) -> Stack:
+    """The frames from ``frame`` (default: the caller's caller) outwards, cheaply: no line
+    numbers, no strings (resolved when reported).
 
     ``greenlet_parent``: for async engines, returns the frame the parent greenlet (the event
     loop's task) is suspended in; the pool's code runs in SQLAlchemy's greenlet, whose own frames
     end where it was spawned, so the walk goes on from there to the application's coroutines,
     up to the event loop's step of the task.
+
+    Every frame walked costs Python a frame object, so the walk is two plain loops (this
+    greenlet's frames, then the parent's) and stops at :data:`MAX_FRAMES`.
     """
+    if frame is None:
+        frame = _getframe(2)
     stack: Stack = []
     append = stack.append
     left = MAX_FRAMES
-    frame: Any = sys._getframe(2)
-    while frame is not None and left:
+    while frame is not None:  # this greenlet's frames (a thread's: all of them)
         code = frame.f_code
-        if code is _LOOP_STEP:
-            break
+        if code is _LOOP_STEP or not left:
+            return stack
         append(code)
         append(frame.f_lasti)
         left -= 1
         frame = frame.f_back
-        if frame is None and greenlet_parent is not None:
-            frame = greenlet_parent()
-            greenlet_parent = None
+    if greenlet_parent is not None:
+        frame = greenlet_parent()
+        while frame is not None:
+            code = frame.f_code
+            if code is _LOOP_STEP or not left:
+                break
+            append(code)
+            append(frame.f_lasti)
+            left -= 1
+            frame = frame.f_back
     return stack
+
+
+_getframe = sys._getframe
 
 
 def _greenlet_parent_frame() -> Any:
@@ -155,20 +172,20 @@ class Site:
 
 # -- one checkout ------------------------------------------------------------------------------
 
+Entry = tuple[float, Any, Stack, Any]
+"""What a checkout notes, as a plain tuple (the cheapest object to make): since when, held by
+whom (the task's name, or the thread), the stack, SQLAlchemy's weak reference to the fairy."""
+
 
 class Checkout:
-    """One connection out of the pool: since when, held by whom, checked out where."""
+    """One connection out of the pool, for a report: since when, held by whom, checked out
+    where."""
 
-    __slots__ = ("fairy", "reported", "stack", "started", "who")
+    __slots__ = ("fairy", "record", "stack", "started", "who")
 
-    def __init__(self, started: float, who: Any, stack: Stack, fairy: Any) -> None:
-        self.started = started
-        self.who = who
-        """The holding task's name, or the holding thread itself."""
-        self.stack = stack
-        self.fairy = fairy
-        """A weak reference to the connection SQLAlchemy lent (dead once it was reclaimed)."""
-        self.reported = False
+    def __init__(self, record: Any, entry: Entry) -> None:
+        self.record = record
+        self.started, self.who, self.stack, self.fairy = entry
 
     @property
     def holder(self) -> str:
@@ -179,17 +196,7 @@ class Checkout:
         return f"task {who!r}"
 
 
-def holder_in_loop() -> Any:
-    """The name of the asyncio task checking out, else the thread."""
-    try:
-        task = _current_task()
-    except RuntimeError:  # no event loop in this thread
-        task = None
-    if task is None:
-        return _current_thread()
-    return task.get_name()
-
-
+_get_running_loop = asyncio.events._get_running_loop
 _current_task = asyncio.current_task
 _current_thread = threading.current_thread
 
@@ -224,7 +231,11 @@ class LeakTracker:
         self.threshold = threshold
         self.listener = listener
         self.clock = clock
-        self.out: dict[Any, Checkout] = {}
+        self.out: dict[Any, Entry] = {}
+        self.reported: set[Any] = set()
+        """The records of the checkouts reported while still out (each is reported once)."""
+        self.armed: object = None
+        """The event loop a :class:`LoopWatcher` has a wake-up scheduled on (None: none)."""
         self._lock = threading.Lock()  # one watch at a time: each checkout is reported once
         self.in_loop = in_loop
         self.watcher: Watcher = LoopWatcher(self) if in_loop else ThreadWatcher(self)
@@ -235,32 +246,46 @@ class LeakTracker:
             self.in_loop = in_loop
             self.watcher = LoopWatcher(self) if in_loop else ThreadWatcher(self)
 
-    # -- the checkout path -------------------------------------------------------------------
+    # -- the checkout path (every checkout: kept to a few attribute reads and one walk) -------
 
-    def checked_out(self, record: Any, fairy_ref: Any) -> None:
+    def checked_out(self, record: Any, fairy_ref: Any, frame: Any = None) -> None:
         """``record``'s connection was lent; ``fairy_ref`` is SQLAlchemy's weak reference to
-        what it lent."""
+        what it lent; ``frame`` is where the checkout site's walk starts (default: the
+        caller)."""
+        if frame is None:
+            frame = _getframe(1)
         if self.in_loop:
-            entry = Checkout(
-                self.clock(), holder_in_loop(), capture_stack(_greenlet_parent_frame), fairy_ref
+            loop = _get_running_loop()
+            task = None if loop is None else _current_task(loop)
+            self.out[record] = (
+                self.clock(),
+                _current_thread() if task is None else task.get_name(),
+                capture_stack(_greenlet_parent_frame, frame),
+                fairy_ref,
             )
+            if loop is None or self.armed is not loop:
+                self.watcher.ensure(self.threshold)
         else:
-            entry = Checkout(self.clock(), _current_thread(), capture_stack(), fairy_ref)
-        self.out[record] = entry
-        self.watcher.ensure(self.threshold)
+            self.out[record] = (self.clock(), _current_thread(), capture_stack(None, frame),
+                                fairy_ref)  # fmt: skip
+            self.watcher.ensure(self.threshold)
 
     def checked_in(self, record: Any) -> None:
         """``record`` came back: by the application, or reclaimed by the garbage collector."""
         entry = self.out.pop(record, None)
         if entry is None:
             return
-        fairy_ref = entry.fairy
+        reported = self.reported
+        was_reported = bool(reported) and record in reported
+        if was_reported:
+            reported.discard(record)
+        fairy_ref = entry[3]
         if fairy_ref is not None and fairy_ref() is None:
-            self._report(entry, "reclaimed", self.clock())
-        elif entry.reported:
+            self._report(Checkout(record, entry), "reclaimed", self.clock())
+        elif was_reported:
             logger.info(
                 "previously reported leaked connection of %s returned after %.2fs",
-                entry.holder, self.clock() - entry.started,
+                Checkout(record, entry).holder, self.clock() - entry[0],
             )  # fmt: skip
 
     # -- the watcher's side ------------------------------------------------------------------
@@ -271,28 +296,29 @@ class LeakTracker:
         with self._lock:
             now = self.clock()
             due_at = None
-            for entry in list(self.out.values()):
-                if entry.reported:
+            reported = self.reported
+            for record, entry in list(self.out.items()):
+                if record in reported:
                     continue
-                deadline = entry.started + self.threshold
+                deadline = entry[0] + self.threshold
                 if deadline <= now:
-                    entry.reported = True
-                    self._report(entry, "held", now)
+                    reported.add(record)
+                    self._report(Checkout(record, entry), "held", now)
                 elif due_at is None or deadline < due_at:
                     due_at = deadline
             return None if due_at is None else due_at - now
 
     def oldest_age(self) -> float:
         """Seconds the oldest connection still out has been out (0.0 when none is)."""
-        starts = [entry.started for entry in list(self.out.values())]
+        starts = [entry[0] for entry in list(self.out.values())]
         return self.clock() - min(starts) if starts else 0.0
 
     def stragglers(self) -> list[tuple[Any, Checkout]]:
-        return list(self.out.items())
+        return [(record, Checkout(record, entry)) for record, entry in list(self.out.items())]
 
     def report_straggler(self, entry: Checkout) -> None:
         """Still out when the pool shut down: reported (again, if it was) as a leak."""
-        entry.reported = True
+        self.reported.add(entry.record)
         self._report(entry, "shutdown", self.clock())
 
     def _report(self, entry: Checkout, kind: LeakKind, now: float) -> None:
@@ -348,12 +374,15 @@ class LoopWatcher:
             return
         self._loop = loop
         self._handle = loop.call_later(delay, self._fire)
+        self.tracker.armed = loop  # later checkouts in this loop skip this call
 
     def _fire(self) -> None:
         self._handle = None
+        self.tracker.armed = None
         delay = self.tracker.watch()
         if delay is not None and self._loop is not None:
             self._handle = self._loop.call_later(delay, self._fire)
+            self.tracker.armed = self._loop
 
 
 class ThreadWatcher:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -375,7 +376,8 @@ class _FaultTolerantPool(Pool):
             telemetry.checked_out(checkout, connection)
         if self._leaks is not None:
             record: Any = connection._connection_record
-            self._leaks.checked_out(record, record.fairy_ref)
+            # the walk of the checkout site starts at SQLAlchemy's caller of this method
+            self._leaks.checked_out(record, record.fairy_ref, sys._getframe(1))
         return connection
 
     # -- drain and shutdown (see fault_tolerant_pool.shutdown) ------------------------------------
