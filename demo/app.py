@@ -363,9 +363,9 @@ def create_app(
             if state.database_task is not None:
                 with contextlib.suppress(Exception):
                     await state.database_task
-            # The README's lifespan recipe: uvicorn has let the in-flight requests finish; what
-            # still holds a connection gets shutdown_timeout seconds, then it is closed and
-            # reported as a leak (with its task and checkout site).
+            # The lifespan recipe of docs/leaks.md: uvicorn has let the in-flight requests
+            # finish; what still holds a connection gets shutdown_timeout seconds, then it is
+            # closed and reported as a leak (with its task and checkout site).
             report = await shutdown(state.engine, settings.shutdown_timeout)
             if not report.clean:
                 log.warning("shut down with %d connection(s) still out", report.stragglers)

@@ -3,7 +3,7 @@
 asyncpg reports a SQLSTATE for server errors at connect time; psycopg reports none there, so its
 messages are matched. The messages are PostgreSQL's and PgBouncer's English texts: a server whose
 ``lc_messages`` is not English (``C`` or ``en_*``) makes psycopg's server-side failures permanent
-unless a custom classifier is passed (see the README).
+unless a custom classifier is passed (see docs/retry.md).
 """
 
 from __future__ import annotations

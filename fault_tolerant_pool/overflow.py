@@ -30,7 +30,7 @@ from sqlalchemy.exc import ArgumentError
 
 from .policy import _number
 
-#: Seconds an overflow connection may sit idle (see the README for why 30 s).
+#: Seconds an overflow connection may sit idle (see docs/lifetime.md for why 30 s).
 DEFAULT_OVERFLOW_IDLE = 30.0
 
 _UNSEEN = sys.maxsize  # no count observed yet in the current window

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.exc import ArgumentError
 
-#: Defaults chosen for a web service (see the README's parameter table for the reasoning).
+#: Defaults chosen for a web service (see docs/parameters.md for the reasoning).
 DEFAULT_ATTEMPTS: int | None = None
 DEFAULT_DEADLINE = 10.0
 DEFAULT_INITIAL_DELAY = 0.05

@@ -65,7 +65,7 @@ class PoolStats:
     """Connections found dead at checkout and replaced before the caller saw them."""
     demotions: int = 0
     """Connections whose server turned read-only since they were made (a demoted writer):
-    each one invalidated the pool (see the README's Failover section)."""
+    each one invalidated the pool (see docs/failover.md)."""
     ping_timeouts: int = 0
     """Pings that got no answer within ``ping_timeout``: their connection was cut."""
     connect_state: str = "healthy"

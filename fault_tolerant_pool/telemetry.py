@@ -5,7 +5,7 @@
 - A span per checkout (``fault_tolerant_pool.checkout``) only when the caller waited for a slot or
   a connection was created for it; the connect span is then its child.
 - The ``db.client.connection.*`` pool metrics of the semantic conventions, and the project's
-  ``fault_tolerant_pool.*`` extension metrics (see the README for the list).
+  ``fault_tolerant_pool.*`` extension metrics (see docs/opentelemetry.md for the list).
 
 Only opentelemetry-api is used: without an SDK every call lands on a no-op. The gauges (counts,
 limits, pending requests) are observable instruments that read the pool when a reader collects.
@@ -712,7 +712,7 @@ class ConnectTrace:
     """The span and metrics of one physical connect; a context manager around the retry loop.
 
     The span is the current span while the connect runs, so a driver's own instrumentation nests
-    under it. Failed attempts become events (see the README for why not child spans).
+    under it. Failed attempts become events (see docs/opentelemetry.md for why not child spans).
     """
 
     __slots__ = ("_attempts", "_done", "_span", "_telemetry", "_token")

@@ -115,7 +115,7 @@ _LIBPQ = ConnectTimeout(
 )
 
 #: (SQLAlchemy driver name, is the dialect async) -> how that driver takes a connect timeout.
-#: Drivers not listed get no per-attempt timeout (the README says so).
+#: Drivers not listed get no per-attempt timeout (docs/retry.md says so).
 CONNECT_TIMEOUTS: dict[tuple[str, bool], ConnectTimeout] = {
     ("asyncpg", True): ConnectTimeout("timeout"),
     ("psycopg", True): ConnectTimeout(None),

@@ -43,8 +43,8 @@ _T = TypeVar("_T")
 
 logger = logging.getLogger("fault_tolerant_pool.liveness")
 
-#: Seconds a ping may take before its connection is cut (see the README: "Every ping has a
-#: time limit"). A healthy server answers ``;`` in well under a millisecond on loopback and a
+#: Seconds a ping may take before its connection is cut (see docs/failover.md: "Every ping has
+#: a time limit"). A healthy server answers ``;`` in well under a millisecond on loopback and a
 #: few milliseconds across a region; 2 s leaves room for a loaded server without letting a
 #: black hole hold a checkout for longer than the retry loop needs to replace it.
 DEFAULT_PING_TIMEOUT = 2.0

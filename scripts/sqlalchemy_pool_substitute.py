@@ -2,8 +2,8 @@
 project's queue pools in place of ``QueuePool`` and ``AsyncAdaptedQueuePool``.
 
 ``overflow_idle`` comes from the environment variable ``FTP_OVERFLOW_IDLE`` (unset: the
-default); every other setting is this project's default. Run it as the README's
-"SQLAlchemy's own pool tests" section shows (``python -s`` keeps the sdist's ``lib/`` out, so the
+default); every other setting is this project's default. Run it as docs/lifetime.md's
+"SQLAlchemy's own pool tests" paragraph shows (``python -s`` keeps the sdist's ``lib/`` out, so the
 installed SQLAlchemy, the one the project imports, is the one tested).
 """
 

@@ -7,7 +7,8 @@
 #
 # Installs (as root, when missing): PostgreSQL server, PgBouncer, and chromium with chromedriver
 # (for the demo page's browser test) from Debian.
-# Creates .venv (SQLAlchemy 2.1) and .venv-sa20 (SQLAlchemy 2.0) with the package and its extras.
+# Creates .venv (SQLAlchemy 2.1) and .venv-sa20 (SQLAlchemy 2.0) with the package and its extras
+# (.venv also with the docs extra: the docs site is built strictly, into site/, before the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,24 +55,27 @@ quiet() {  # run a command, showing its output only when it fails
   rm -f "$log"
 }
 
-setup_venv() {  # $1 = venv dir, $2 = SQLAlchemy requirement
-  local venv=$1 sqla=$2
+setup_venv() {  # $1 = venv dir, $2 = SQLAlchemy requirement, $3 = extras
+  local venv=$1 sqla=$2 extras=$3
   if [ ! -x "$venv/bin/python" ]; then
     echo "== creating $venv"
     "$PYTHON" -m venv "$venv"
   fi
   quiet "$venv/bin/python" -m pip install -q --upgrade pip
-  quiet "$venv/bin/python" -m pip install -q -e ".[$EXTRAS]" "$sqla"
+  quiet "$venv/bin/python" -m pip install -q -e ".[$extras]" "$sqla"
   "$venv/bin/python" -c "import sqlalchemy, fault_tolerant_pool; print('   SQLAlchemy', sqlalchemy.__version__)"
 }
 
-setup_venv .venv "SQLAlchemy[asyncio]>=2.1,<2.2"
-setup_venv .venv-sa20 "SQLAlchemy[asyncio]>=2.0,<2.1"
+# the docs site is built once, with .venv
+setup_venv .venv "SQLAlchemy[asyncio]>=2.1,<2.2" "$EXTRAS,docs"
+setup_venv .venv-sa20 "SQLAlchemy[asyncio]>=2.0,<2.1" "$EXTRAS"
 
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy --strict"
 .venv/bin/mypy
+echo "== mkdocs build --strict"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 
 echo "== pytest, SQLAlchemy 2.1"
 .venv/bin/python -m pytest "$@"

@@ -40,7 +40,8 @@ flavours = pytest.mark.parametrize("flavour", FLAVOURS)
 async_flavours = pytest.mark.parametrize("flavour", ASYNC_FLAVOURS)
 pools = pytest.mark.parametrize("poolclass", POOLS, ids=lambda p: p.__name__)
 
-#: (kind, unit) of every metric, as the conventions give them (and ours, as the README lists).
+#: (kind, unit) of every metric, as the conventions give them (and ours, as
+#: docs/opentelemetry.md lists).
 CONVENTIONS = {
     "db.client.connection.count": ("updowncounter", "{connection}"),
     "db.client.connection.max": ("updowncounter", "{connection}"),

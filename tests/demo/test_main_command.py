@@ -1,4 +1,4 @@
-"""The README's main command, ``python -m demo``, as a user runs it: a subprocess."""
+"""The demo's main command, ``python -m demo``, as a user runs it: a subprocess."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The page's own traffic (four workers writing rows) runs while the test presses "Restart the
 database"; a screenshot is taken during the outage. Set ``DEMO_SCREENSHOT=docs/demo-outage.png``
-to keep it (that is how the README's picture is made).
+to keep it (that is how the docs' picture is made).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_page_shows_the_pool_riding_through_a_restart(browser: object, tmp_path:
         assert "FaultTolerantAsyncQueuePool" in text("pool-desc")
         assert _number(text("failures")) == 0
         if os.environ.get("DEMO_SCREENSHOT"):
-            time.sleep(25)  # for the README's picture: some calm history before the outage
+            time.sleep(25)  # for the docs' picture: some calm history before the outage
 
         Select(driver.find_element(By.ID, "down-for")).select_by_visible_text(DOWN_FOR)
         driver.find_element(By.ID, "restart").click()

@@ -34,7 +34,7 @@ def prepared_statement_name() -> str:
     return f"__asyncpg_{uuid.uuid4()}__"
 
 
-#: The README's recipes: no server-side prepared statements that outlive a transaction.
+#: The recipes of docs/pgbouncer.md: no server-side prepared statements that outlive a transaction.
 RECIPES: dict[str, dict[str, Any]] = {
     "asyncpg": {
         "statement_cache_size": 0,  # asyncpg's own cache

@@ -1,6 +1,7 @@
 """The tests of SQLAlchemy's pool suite that fail with this project's pools, each with why.
 
-Data, mirrored in the README ("SQLAlchemy's own pool tests"); a unit test keeps the two equal.
+Data, mirrored in docs/sqlalchemy.md ("SQLAlchemy's own pool tests"); a unit test keeps the two
+equal.
 Every entry is run as a strict xfail: when it starts passing, the run fails, so the list cannot
 rot. An entry whose reason starts with :data:`NOT_RUN` is deselected instead (it fails with the
 stock pools too, in a way a strict xfail cannot hold). Keys are pytest node ids, relative to the

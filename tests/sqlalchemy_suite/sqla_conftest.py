@@ -3,7 +3,7 @@
 Loads SQLAlchemy's pytest plugin from the *installed* SQLAlchemy (as external dialects do), puts
 this project's pool classes in the place of SQLAlchemy's (every ``pool.QueuePool``,
 ``pool.AsyncAdaptedQueuePool``, ``pool.NullPool`` a test names, and the dialects' default pool
-class), and marks the README's expected failures ``xfail(strict=True)``: a listed test that
+class), and marks the docs' expected failures ``xfail(strict=True)``: a listed test that
 starts passing fails the run, and so does a listed test that no longer exists.
 """
 
