@@ -72,6 +72,8 @@ echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy --strict"
 .venv/bin/mypy
+echo "== package: sdist and wheel, twine check, the wheel in a fresh venv"
+.venv/bin/python scripts/check_package.py
 
 echo "== pytest, SQLAlchemy 2.1"
 .venv/bin/python -m pytest "$@"
