@@ -4,8 +4,9 @@
 
 1. ``python -m build --no-isolation``: the sdist, then the wheel built *from that sdist* (so a
    file the sdist forgot fails here). No isolation: the build uses this environment's setuptools
-   (the ``test`` extra brings the one ``[build-system]`` asks for) instead of installing one into
-   two throwaway environments, which cost 10-13 s more per run on this machine.
+   (the ``test`` extra brings the one ``[build-system]`` asks for, and ``trove-classifiers``, with
+   which setuptools refuses a classifier PyPI does not know) instead of installing one into two
+   throwaway environments, which cost 10-13 s more per run on this machine.
 2. What each archive holds: every module of the package, ``py.typed``, the license, the
    changelog and the ``pytest11`` entry point; none of the repository's other files (tests,
    benchmarks, docs, virtual environments, caches).
