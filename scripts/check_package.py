@@ -16,7 +16,10 @@
    every public name of both, there, with no driver and no pytest installed.
 
 Any failure exits non-zero with the step's output. Nothing is written outside a temporary
-directory except ``fault_tolerant_pool.egg-info`` (setuptools' own, ignored by git).
+directory except ``fault_tolerant_pool.egg-info`` (setuptools' own, ignored by git). That one is
+deleted first: setuptools adds every file its ``SOURCES.txt`` lists to the next sdist, so a stale
+one (left by an older MANIFEST.in) would ship files the current rules leave out (seen here). The
+editable installs do not use it.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ftp-package-"))
     try:
         t = started
+        shutil.rmtree(ROOT / f"{PACKAGE}.egg-info", ignore_errors=True)
         dist = work / "dist"
         run("python -m build", sys.executable, "-m", "build", "--no-isolation", "-o", dist, ".")
         (sdist,) = dist.glob("*.tar.gz")
