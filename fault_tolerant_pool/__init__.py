@@ -4,6 +4,7 @@ Pass ``poolclass=FaultTolerantQueuePool`` (or ``FaultTolerantNullPool`` behind P
 ``create_engine`` or ``create_async_engine``; nothing else in the application changes.
 """
 
+from ._version import __version__ as __version__
 from .classify import Verdict, classify
 from .credentials import CredentialsProvider, FileCredentials
 from .errors import (
@@ -45,4 +46,3 @@ __all__ = [
     "drain",
     "shutdown",
 ]
-__version__ = "0.1.0"

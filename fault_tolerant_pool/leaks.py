@@ -26,7 +26,11 @@ from types import CodeType
 from typing import Any, Protocol
 
 import sqlalchemy
-from greenlet import getcurrent  # type: ignore[import-untyped]
+
+try:
+    from greenlet import getcurrent  # type: ignore[import-untyped]
+except ImportError:  # only async engines call it, and they cannot run without greenlet
+    getcurrent = None
 
 from .errors import redact
 from .lifetime import optional_seconds
@@ -126,9 +130,9 @@ def _hidden_prefixes() -> tuple[str, ...]:
     runs every task or thread (the event loop, executors)."""
     import concurrent.futures
 
-    import greenlet
-
-    modules = (sqlalchemy, greenlet, asyncio, concurrent.futures, sys.modules[__package__])
+    modules = [sqlalchemy, asyncio, concurrent.futures, sys.modules[__package__]]
+    if getcurrent is not None:  # installed without greenlet: a sync engine, no greenlet frames
+        modules.append(sys.modules["greenlet"])
     return tuple(sorted(set().union(*(_package_dirs(module) for module in modules))))
 
 

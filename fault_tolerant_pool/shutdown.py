@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, InvalidRequestError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from .leaks import LeakTracker
 
 logger = logging.getLogger("fault_tolerant_pool.shutdown")
@@ -183,6 +185,13 @@ def close_pool(
 # -- the engine-level helpers ---------------------------------------------------------------------
 
 
+def _is_async(engine: Engine | AsyncEngine) -> bool:
+    """Whether ``engine`` is an ``AsyncEngine``, without importing SQLAlchemy's asyncio module
+    (it needs greenlet, which a sync application may not have): unloaded, no engine is one."""
+    asyncio_ext = sys.modules.get("sqlalchemy.ext.asyncio")
+    return asyncio_ext is not None and isinstance(engine, asyncio_ext.AsyncEngine)
+
+
 def _pool_of(engine: Engine | AsyncEngine, what: str) -> Any:
     pool = engine.pool
     if not hasattr(pool, what):
@@ -204,7 +213,7 @@ def drain(engine: Engine | AsyncEngine) -> int | Awaitable[int]:
     how many idle connections were closed at once.
     """
     pool = _pool_of(engine, "drain")
-    if isinstance(engine, AsyncEngine):
+    if _is_async(engine):
         return greenlet_spawn(pool.drain)
     return pool.drain()  # type: ignore[no-any-return]
 
@@ -226,6 +235,6 @@ def shutdown(
     """
     pool = _pool_of(engine, "close")
     seconds = timeout_seconds(timeout)
-    if isinstance(engine, AsyncEngine):
+    if _is_async(engine):
         return greenlet_spawn(pool.close, seconds)
     return pool.close(seconds)  # type: ignore[no-any-return]

@@ -76,6 +76,8 @@ echo "== mypy --strict"
 .venv/bin/mypy
 echo "== mkdocs build --strict"
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
+echo "== package: sdist and wheel, twine check, the wheel in a fresh venv"
+.venv/bin/python scripts/check_package.py
 
 echo "== pytest, SQLAlchemy 2.1"
 .venv/bin/python -m pytest "$@"

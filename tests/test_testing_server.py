@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from _fault_tolerant_pool_pytest import _require
 from fault_tolerant_pool.testing import PostgresServer, PsqlError, ServerError, ServerUnavailable
-from fault_tolerant_pool.testing.pytest_plugin import _require
 from fault_tolerant_pool.testing.server import sqlalchemy_url
 
 pytestmark = pytest.mark.db

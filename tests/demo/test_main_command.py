@@ -11,8 +11,8 @@ import subprocess
 import httpx
 import pytest
 
+from _fault_tolerant_pool_pytest import _require
 from fault_tolerant_pool.testing import PostgresServer
-from fault_tolerant_pool.testing.pytest_plugin import _require
 
 from .helpers import ROOT, OtlpReceiver, demo_command, demo_env, demo_process, wait_until
 

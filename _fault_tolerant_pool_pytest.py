@@ -1,8 +1,13 @@
 """Pytest fixtures for real PostgreSQL, PgBouncer and fault-proxy tests (entry point ``pytest11``).
 
-The plugin loads in every project that installs this package, so it imports nothing but pytest
-until a test asks for one of its fixtures. When the server binaries are missing a test is skipped,
-except in CI (``CI=true``), where it fails: a suite must not go green by skipping everything.
+The plugin loads in every test session of every project that installs this package, so it is a
+module of its own outside the package (as Hypothesis does with ``_hypothesis_pytestplugin``):
+importing a module of ``fault_tolerant_pool.testing`` imports ``fault_tolerant_pool`` first, and
+with it SQLAlchemy and OpenTelemetry. It imports nothing but pytest and the standard library,
+starts nothing and writes nothing until a test asks for one of its fixtures
+(tests/unit/test_plugin_cost.py holds it to that). When the server binaries are missing a test
+is skipped, except in CI (``CI=true``), where it fails: a suite must not go green by skipping
+everything.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 
 if TYPE_CHECKING:
-    from .bouncer import PgBouncer
-    from .proxy import FaultProxy
-    from .server import PostgresServer
+    from fault_tolerant_pool.testing.bouncer import PgBouncer
+    from fault_tolerant_pool.testing.proxy import FaultProxy
+    from fault_tolerant_pool.testing.server import PostgresServer
 
 _T = TypeVar("_T")
 
@@ -27,7 +32,7 @@ def _in_ci() -> bool:
 
 def _require(make: Callable[[], _T]) -> _T:
     """Build a test resource; skip (or, in CI, fail) the test if its binaries are missing."""
-    from .server import ServerUnavailable
+    from fault_tolerant_pool.testing.server import ServerUnavailable
 
     try:
         return make()
@@ -38,7 +43,7 @@ def _require(make: Callable[[], _T]) -> _T:
 
 
 def _new_server() -> PostgresServer:
-    from .server import PostgresServer
+    from fault_tolerant_pool.testing.server import PostgresServer
 
     server = PostgresServer()
     try:
@@ -95,7 +100,7 @@ def pg_primary_standby(
 @pytest.fixture
 def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
     """A :class:`FaultProxy` in front of ``pg_server``; connect with ``pg_server.url(port=...)``."""
-    from .proxy import FaultProxy
+    from fault_tolerant_pool.testing.proxy import FaultProxy
 
     with FaultProxy(pg_server.host, pg_server.port) as proxy:
         yield proxy
@@ -106,7 +111,7 @@ def pgbouncer(pg_server: PostgresServer) -> Iterator[PgBouncer]:
     """A running PgBouncer (transaction mode) in front of ``pg_server``, destroyed after."""
 
     def make() -> PgBouncer:
-        from .bouncer import PgBouncer
+        from fault_tolerant_pool.testing.bouncer import PgBouncer
 
         bouncer = PgBouncer(pg_server)
         try:
