@@ -60,6 +60,7 @@ from .policy import (
     _optional_seconds,
 )
 from .probe import Gate, WaitingRoom
+from .setup_retry import SetUpRetriedRecord
 from .shutdown import PoolClosed, ShutdownReport, close_pool
 from .stats import ConnectCounters, PoolStats
 from .telemetry import PoolTelemetry
@@ -292,6 +293,11 @@ class _FaultTolerantPool(Pool):
                 "create_async_engine() with a database URL"
             )
         _credentials.install(self._dialect)
+
+    def _create_connection(self) -> ConnectionPoolEntry:
+        """SQLAlchemy's record, whose connect is made again when the set-up after the login
+        fails with a transient error (see :mod:`fault_tolerant_pool.setup_retry`)."""
+        return SetUpRetriedRecord(self)
 
     def _should_wrap_creator(self, creator: Any) -> Any:
         ft = self._fault_tolerance
