@@ -48,6 +48,11 @@ def _not_applied(credentials: CredentialSource) -> CredentialsError:
     )
 
 
+#: A wait at the gate longer than this held the caller for another's probe (an open gate lets
+#: a caller through in microseconds; a probe's backoff is 50 ms or more).
+GATE_HELD = 0.01
+
+
 def _at_once() -> float:
     """The "random" draw of a retry that must not wait: a refused login with refreshed secrets."""
     return 0.0
@@ -127,10 +132,13 @@ class RetryingConnector:
         refreshed = False
         gate = self.gate
         hosts = self.hosts.round() if self.hosts is not None else None
+        held = False  # held at the gate while another caller probed
         while True:
             secret: Secret | None = None
             if gate is not None and (hosts is None or not hosts.position):
+                entered = self.clock()
                 self._admit(gate, backoff)  # once a round: the gate sees rounds, not hosts
+                held = held or self.clock() - entered > GATE_HELD
             started = self.clock()
             if hosts is None:
                 timer.begin(started, backoff.remaining(started))
@@ -208,11 +216,12 @@ class RetryingConnector:
             else:
                 if gate is not None:
                     gate.finished(self.clock(), None, backoff.started)
-                if record is not None and backoff.failures:
-                    # SQLAlchemy stamped the record when the connect began; after retries that
-                    # is too early: an invalidation of the pool during the outage would make
-                    # the next checkout throw this brand-new connection away (a login herd),
-                    # and pool_recycle would count the outage as the connection's age.
+                if record is not None and (backoff.failures or held):
+                    # SQLAlchemy stamped the record when the connect began; after retries, or a
+                    # wait at the gate for another caller's probe, that is too early: an
+                    # invalidation of the pool during the outage would make the next checkout
+                    # throw this brand-new connection away (an extra login), and pool_recycle
+                    # would count the outage as the connection's age.
                     record.starttime = time.time()
                 if hosts is not None:
                     hosts.connected()

@@ -365,3 +365,35 @@ def test_no_span_is_started_when_nothing_listens(monkeypatch: pytest.MonkeyPatch
     connect.creator = flaky([], clock)
     assert connect(None) == "connection"
     assert traced == [True]
+
+
+def test_a_caller_held_at_the_gate_is_stamped_when_its_connection_was_made() -> None:
+    """A caller that waited for another's probe and then connected at its first attempt made
+    its connection at the end of the wait, not when SQLAlchemy stamped the record: otherwise a
+    pool invalidation during the outage throws the new connection away (an extra login)."""
+    import time as _time
+
+    clock, counters = Clock(), ConnectCounters()
+    gate = Gate(10.0, clock=clock, random=lambda: 0.5, waiter=lambda in_loop: ClockWaiter(clock))
+    outcomes: list[Any] = [refused()]
+
+    def creator(record: Any) -> Any:
+        clock.now += 0.001
+        if outcomes:
+            raise outcomes.pop(0)
+        return "connection"
+
+    connect = RetryingConnector(
+        creator, RetryPolicy(attempts=1), counters, sleep=clock.sleep,
+        dbapi=lambda: FakeDBAPI, clock=clock, random=lambda: 0.5, gate=gate,
+    )  # fmt: skip
+    with pytest.raises(ConnectRetriesExhausted):
+        connect(None)  # the outage begins: the gate now paces one probe at a time
+    assert gate.state != "healthy"
+    record = types.SimpleNamespace(starttime=0.0)
+    held_from = clock.now
+    before = _time.time()
+    assert connect(record) == "connection"  # its own first attempt, after the wait
+    assert clock.now - held_from > 0.01  # it was held
+    assert counters.snapshot(0, 0, 0, 0).failed_attempts == 1  # none of its own
+    assert record.starttime >= before
