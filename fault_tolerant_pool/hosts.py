@@ -190,7 +190,6 @@ class Round:
         return f"hosts tried: {tried}"
 
 
-
 def narrow(cparams: dict[str, Any], host: Host) -> None:
     """Make one attempt's connect arguments name only ``host`` (the ``do_connect`` listener)."""
     cparams["host"] = host.host

@@ -59,7 +59,7 @@ class OverflowIdle:
     and a closed one is opened again on demand.
     """
 
-    __slots__ = ("clock", "closing", "last", "low", "seconds", "started", "surplus")
+    __slots__ = ("clock", "closing", "last", "low", "seconds", "started", "surplus", "watching")
 
     def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
@@ -70,6 +70,11 @@ class OverflowIdle:
         self.low = _UNSEEN  # the fewest idle connections seen in the current window
         self.surplus = 0  # connections known to be unneeded, not closed yet
         self.closing = 0  # decided and not closed yet (an async close lets others check in)
+        self.watching = True
+        """Whether the checkins are being watched. The pool asks :meth:`checkin` only while
+        connections above ``pool_size`` are open, and clears this when a checkin finds none:
+        the next one with overflow starts a new window (connections opened since then cannot
+        have sat idle before they were opened)."""
 
     def checkin(self, idle: int, overflow: int) -> bool:
         """A connection comes back while ``idle`` others sit in the pool and ``overflow`` are
@@ -83,6 +88,11 @@ class OverflowIdle:
         """
         now = self.clock()
         seconds = self.seconds
+        if not self.watching:  # the first checkin since connections above pool_size opened
+            self.watching = True
+            self.started = self.last = now
+            self.low = _UNSEEN
+            self.surplus = 0
         if now - self.last >= seconds:  # no checkin for a whole window: these sat unused
             self.surplus = idle
             self.started = now

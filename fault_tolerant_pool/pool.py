@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -63,7 +62,7 @@ from .probe import Gate, WaitingRoom
 from .setup_retry import SetUpRetriedRecord
 from .shutdown import PoolClosed, ShutdownReport, close_pool
 from .stats import ConnectCounters, PoolStats
-from .telemetry import PoolTelemetry
+from .telemetry import _GLOBALS_FOUND, PoolTelemetry, _metrics_api, _trace_api
 from .upkeep import KEEP, SHRINK, Upkeep
 from .watchdog import DEFAULT_PING_TIMEOUT
 
@@ -108,6 +107,7 @@ class FaultTolerance:
             demotion.handle_error(context)
         if context.is_disconnect or classify(context.original_exception).transient:
             self.doubt.raised()
+
     gate: Gate = field(default_factory=lambda: Gate(DEFAULT_DEADLINE), compare=False)
     """The pool's connect state: the probe, fail-fast, ``max_waiting`` (see :mod:`.probe`)."""
     overflow_idle: float = DEFAULT_OVERFLOW_IDLE
@@ -370,12 +370,17 @@ class _FaultTolerantPool(Pool):
         if self._closed is not None:
             raise self._closed
         telemetry = self._telemetry
-        if not telemetry.active():  # only the API's no-op providers: nothing would be kept
-            connection = super().connect()
+        if not telemetry._measuring and (  # PoolTelemetry.active(), inlined: no call per checkout
+            _GLOBALS_FOUND
+            and _trace_api._TRACER_PROVIDER is None
+            and _metrics_api._METER_PROVIDER is None
+        ):  # only the API's no-op providers: nothing would be kept
+            connection = Pool.connect(self)  # super().connect(), without making a super object
         else:
+            telemetry.active()  # notes that an SDK is seen: it stays seen
             checkout = telemetry.checkout_started(self._would_wait())
             try:
-                connection = super().connect()
+                connection = Pool.connect(self)
             except BaseException as error:
                 telemetry.checkout_failed(checkout, error)
                 raise
@@ -383,7 +388,7 @@ class _FaultTolerantPool(Pool):
         if self._leaks is not None:
             record: Any = connection._connection_record
             # the walk of the checkout site starts at SQLAlchemy's caller of this method
-            self._leaks.checked_out(record, record.fairy_ref, sys._getframe(1))
+            self._leaks.checked_out(record, record.fairy_ref, 2)
         return connection
 
     # -- drain and shutdown (see fault_tolerant_pool.shutdown) ------------------------------------
@@ -492,7 +497,8 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
             self._upkeep = Upkeep(ft.lifetime, ft.liveness, ft.counters)
         QueuePool.__init__(self, creator, **kw)
         self._pool_size = self._pool.maxsize
-        if ft.overflow_idle > 0 and self._pool_size > 0:  # keep overflow idle: a larger queue
+        if ft.overflow_idle > 0 and self._pool_size > 0 and self._max_overflow != 0:
+            # keep overflow connections idle: a larger queue
             self._overflow_idle = OverflowIdle(ft.overflow_idle)
             capacity = queue_capacity(self._pool_size, self._max_overflow)
             self._pool = self._queue_class(capacity, use_lifo=self._pool.use_lifo)
@@ -508,7 +514,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         if room is not None and self._would_wait():  # max_waiting: count the queue too
             record = self._seated_get(room)
         else:
-            record = super()._do_get()
+            record = QueuePool._do_get(self)  # super(), without making a super object
         upkeep = self._upkeep
         if upkeep is not None:
             if upkeep.idle is not None:
@@ -526,7 +532,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
         if not room.join():
             raise too_many_waiting(room.limit or 0, "a connection slot")
         try:
-            return super()._do_get()
+            return QueuePool._do_get(self)
         finally:
             room.leave()
 
@@ -549,13 +555,17 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
                     if action == SHRINK and self._pool.qsize() > 0:
                         self._dec_overflow()
                     else:
-                        super()._do_return_conn(record)
+                        QueuePool._do_return_conn(self, record)
                 return
         rule = self._overflow_idle
-        if rule is not None and rule.checkin(self._idle_now(), self._overflow):
-            self._shed_overflow(record, rule)
-            return
-        super()._do_return_conn(record)
+        if rule is not None:
+            if self._overflow > 0:  # connections above pool_size are open: the rule judges
+                if rule.checkin(self._idle_now(), self._overflow):
+                    self._shed_overflow(record, rule)
+                    return
+            elif rule.watching:  # none above pool_size: nothing to judge, no call per checkin
+                rule.watching = False
+        QueuePool._do_return_conn(self, record)
 
     def _shed_overflow(self, record: ConnectionPoolEntry, rule: OverflowIdle) -> None:
         """Close ``record``: the pool held more than ``pool_size`` unused for ``overflow_idle``
@@ -654,6 +664,7 @@ class FaultTolerantAsyncQueuePool(FaultTolerantQueuePool, AsyncAdaptedQueuePool)
     """The asyncio flavour (asyncio queue); chosen for you by :class:`FaultTolerantQueuePool`."""
 
     _sqla_logger_namespace = _stock_logger_name(AsyncAdaptedQueuePool)
+
     def _idle_now(self) -> int:
         return self._pool.qsize()  # the asyncio queue's: no lock
 

@@ -766,9 +766,7 @@ class ConnectTrace:
                 ATTEMPT_NUMBER: self._attempts,
                 ERROR_TYPE: kind,
                 EXCEPTION_TYPE: type(error).__name__,
-                EXCEPTION_MESSAGE: one_line(
-                    redact(str(error), secrets + telemetry._secrets())
-                ),
+                EXCEPTION_MESSAGE: one_line(redact(str(error), secrets + telemetry._secrets())),
                 ATTEMPT_DURATION: duration,
                 ATTEMPT_TRANSIENT: verdict.transient,
             }

@@ -122,7 +122,10 @@ class Upkeep:
 
         A connection made for this very checkout (fresh) is not probed or pinged.
         """
-        life: ConnectionLife | None = record.__dict__.get(_LIFE)
+        try:  # every checkout: a key lookup, no call
+            life: ConnectionLife | None = record.__dict__[_LIFE]
+        except KeyError:
+            life = None
         connection = record.dbapi_connection
         if life is None or connection is None or life.generation != self.generation:
             if self.closed is not None:
@@ -158,7 +161,10 @@ class Upkeep:
 
         The caller closes the connection for REPLACE and SHRINK (see the module docstring).
         """
-        life: ConnectionLife | None = record.__dict__.get(_LIFE)
+        try:  # every checkin: a key lookup, no call
+            life: ConnectionLife | None = record.__dict__[_LIFE]
+        except KeyError:
+            life = None
         if life is None or record.dbapi_connection is None or life.generation != self.generation:
             if not self.stale(record):
                 return KEEP

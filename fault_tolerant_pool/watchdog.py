@@ -37,8 +37,6 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.pool import PoolProxiedConnection
-
 _T = TypeVar("_T")
 
 logger = logging.getLogger("fault_tolerant_pool.liveness")
@@ -198,12 +196,12 @@ def _rollback_when_suspect(
     rollback: Callable[[Any], None], bounded_rollback: Callable[[Any], None]
 ) -> Callable[[Any], None]:
     def do_rollback(dbapi_connection: Any) -> None:
-        record = (
-            getattr(dbapi_connection, "_connection_record", None)
-            if isinstance(dbapi_connection, PoolProxiedConnection)
-            else None  # a raw DBAPI connection
-        )
-        if record is not None and record.__dict__.pop(SUSPECT, False):
+        # every checkin comes here: an attribute read and a key test, no call, on the happy path
+        try:
+            state = dbapi_connection._connection_record.__dict__  # SQLAlchemy's proxy
+        except Exception:  # a raw DBAPI connection, or a proxy detached from its record
+            state = None
+        if state is not None and SUSPECT in state and state.pop(SUSPECT, False):
             bounded_rollback(dbapi_connection)
         else:
             rollback(dbapi_connection)

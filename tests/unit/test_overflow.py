@@ -257,3 +257,20 @@ def test_unlimited_overflow_and_pool_size_zero() -> None:
     # pool_size=0 is SQLAlchemy's "no limit" (it keeps every connection): left as it is
     no_limit: Any = FaultTolerantQueuePool(FakeConnection, pool_size=0)
     assert no_limit._overflow_idle is None and no_limit.size() == 0
+
+
+def test_a_window_starts_when_connections_above_pool_size_open() -> None:
+    """The pool asks the rule only while connections above pool_size are open; a checkin with
+    none clears ``watching``, and the next one with overflow starts a fresh window: the quiet
+    before the overflow opened is not idleness of connections that did not exist."""
+    clock = Clock()
+    rule = OverflowIdle(1.0, clock=clock)
+    assert not closes(rule, 3, overflow=1)
+    rule.watching = False  # checkins went on with no overflow (the pool skips the rule)...
+    clock.now += 5.0  # ...for longer than a window; then a burst opened two above pool_size
+    assert not closes(rule, 4, overflow=2)  # a new window: nothing closed at once
+    clock.now += 0.5
+    assert not closes(rule, 2, overflow=2)
+    clock.now += 0.6  # the window of 1 s since the overflow opened is over: 2 sat unused
+    assert closes(rule, 3, overflow=2)
+    assert rule.watching
