@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import socket
+import sys
 import weakref
 from typing import Any
 
@@ -343,3 +344,22 @@ def test_source_lines_in_a_report_are_scrubbed_of_passwords() -> None:
 
 def secret_checkout_site(url: str) -> Any:
     return capture_stack()
+
+
+def test_the_walk_of_a_task_stops_at_its_outermost_frame() -> None:
+    """``capture_stack(None, parent, last)``: none of this greenlet's frames, the parent's from
+    where it is suspended outwards, up to and including ``last`` (the task's coroutine)."""
+
+    class Parent:
+        gr_frame: Any = None
+
+    def task_outermost() -> list[Any]:
+        return suspended_in_parent()
+
+    def suspended_in_parent() -> list[Any]:
+        parent = Parent()
+        parent.gr_frame = sys._getframe()
+        return capture_stack(None, parent, last=sys._getframe(1))
+
+    stack = task_outermost()
+    assert [code.co_name for code in stack[::2]] == ["suspended_in_parent", "task_outermost"]
