@@ -19,11 +19,9 @@ import asyncio
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
@@ -31,6 +29,7 @@ from fault_tolerant_pool import FaultTolerantQueuePool
 from fault_tolerant_pool.testing import PostgresServer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from leak import batch
 from throughput import make
 
 BATCH = 100
@@ -44,19 +43,8 @@ SETUPS: dict[str, tuple[type, dict[str, Any]]] = {
 
 
 async def cpu_per_operation(engine: AsyncEngine, tasks: int, operations: int) -> float:
-    select = sa.text("SELECT 1")
-    left = operations
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            async with engine.connect() as conn:
-                await conn.execute(select)
-
-    started = time.process_time()
-    await asyncio.gather(*(worker() for _ in range(tasks)))
-    return (time.process_time() - started) / operations * 1e6
+    _, cpu = await batch(engine, operations, tasks)
+    return cpu / operations * 1e6
 
 
 async def main() -> None:

@@ -53,8 +53,8 @@ BATCH = 200  # operations per batch
 Summary = tuple[float, float, float, float, float]  # median, interval low, high, lowest, highest
 
 
-async def batch(engine: AsyncEngine, operations: int) -> tuple[float, float]:
-    """Wall and CPU seconds of ``operations`` checkouts + ``SELECT 1`` by :data:`TASKS` tasks."""
+async def batch(engine: AsyncEngine, operations: int, tasks: int = TASKS) -> tuple[float, float]:
+    """Wall and CPU seconds of ``operations`` checkouts + ``SELECT 1`` by ``tasks`` tasks."""
     select = sa.text("SELECT 1")
     left = operations
 
@@ -66,7 +66,7 @@ async def batch(engine: AsyncEngine, operations: int) -> tuple[float, float]:
                 await conn.execute(select)
 
     wall, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(TASKS)))
+    await asyncio.gather(*(worker() for _ in range(tasks)))
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
