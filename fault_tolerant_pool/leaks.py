@@ -153,7 +153,7 @@ def _package_dirs(module: Any) -> set[str]:
 
 def _hidden_prefixes() -> tuple[str, ...]:
     """Frames left out of a report: the house (SQLAlchemy, greenlet), the pool itself, and what
-    runs every task or thread (the event loop, executors)."""
+    runs every task or thread (the event loop, executors); code generated from a string too."""
     import concurrent.futures
 
     modules = [sqlalchemy, asyncio, concurrent.futures, sys.modules[__package__]]
@@ -166,8 +166,18 @@ _HIDDEN_PREFIXES = _hidden_prefixes()
 _THREADING = {threading.__file__, str(Path(threading.__file__).resolve())}
 
 
+#: File names of code compiled from a string: SQLAlchemy generates some of its own functions
+#: (a session's ``_connection_for_bind`` wrapper): 2.1 names them ``<sqlalchemy generated ...>``,
+#: 2.0 ``<string>`` (as ``dataclasses`` does).
+_GENERATED = ("<sqlalchemy generated ", "<string>")
+
+
 def _hidden(filename: str) -> bool:
-    return filename.startswith(_HIDDEN_PREFIXES) or filename in _THREADING
+    return (
+        filename.startswith(_HIDDEN_PREFIXES)
+        or filename in _THREADING
+        or filename.startswith(_GENERATED)
+    )
 
 
 class Site:

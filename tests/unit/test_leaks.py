@@ -176,6 +176,23 @@ def test_the_site_leaves_the_house_out_and_keeps_the_order() -> None:
     assert Site([]).innermost().startswith("an unknown site")
 
 
+@pytest.mark.parametrize("filename", ["<string>", "<sqlalchemy generated _go() wrapper>"])
+def test_code_generated_from_a_string_is_left_out(filename: str) -> None:
+    """SQLAlchemy compiles some of its functions from strings (a session's checkout goes through
+    one): their frames are named so (2.0: ``<string>``, 2.1: ``<sqlalchemy generated ...>``)
+    and are not the application's."""
+    namespace: dict[str, Any] = {"capture_stack": capture_stack}
+    exec(compile("def generated(fn):\n    return fn()\n", filename, "exec"), namespace)
+
+    def site_of_checkout() -> Any:
+        return namespace["generated"](lambda: capture_stack())
+
+    stack = site_of_checkout()
+    assert "generated" in [code.co_name for code in stack[::2]]  # walked...
+    functions = [function for _, _, function in Site(stack).frames]
+    assert "generated" not in functions and "site_of_checkout" in functions  # ...not shown
+
+
 def outer_caller(fn: Any) -> Any:
     return fn()
 
