@@ -95,8 +95,10 @@ async def test_crash_then_recovery_answers_57P03(
 ) -> None:
     """A crash (SIGQUIT, or SIGKILL of every server process), restarted at once: crash recovery
     answers 57P03 "the database system is starting up" for a while; requests wait it out."""
-    # WAL to replay, so that recovery lasts long enough to be seen (about 0.1-0.2 s).
-    pg_server.execute("CREATE TABLE wal AS SELECT generate_series(1, 200000) AS i")
+    # WAL to replay, so that recovery lasts long enough to be seen: longer than the pool's probe
+    # interval during an outage (0.12-0.16 s). 200,000 rows made 0.1-0.2 s of recovery, and one
+    # fresh-clone run in about six saw no 57P03 at all (psycopg_async, kill); 600,000 rows.
+    pg_server.execute("CREATE TABLE wal AS SELECT generate_series(1, 600000) AS i")
     attempts = Attempts()
     client = client_for(
         pg_server, flavour, attempts, retry_initial_delay=0.01, retry_max_delay=0.03
