@@ -277,10 +277,9 @@ class LeakTracker:
         self.armed: object = None
         """The event loop a :class:`LoopWatcher` has a wake-up scheduled on (None: none)."""
         self._lock = threading.Lock()  # one watch at a time: each checkout is reported once
-        self.in_loop = in_loop
-        self.watcher: Watcher = LoopWatcher(self) if in_loop else ThreadWatcher(self)
-        if in_loop:
-            _find_async_connection_start()
+        self.in_loop = False
+        self.watcher: Watcher = ThreadWatcher(self)  # a thread starts only with a checkout
+        self.use_loop(in_loop)
 
     def use_loop(self, in_loop: bool) -> None:
         """Choose the watcher: the event loop (async engines) or a thread (sync engines)."""

@@ -62,7 +62,7 @@ from .probe import Gate, WaitingRoom
 from .setup_retry import SetUpRetriedRecord
 from .shutdown import PoolClosed, ShutdownReport, close_pool
 from .stats import ConnectCounters, PoolStats
-from .telemetry import _GLOBALS_FOUND, PoolTelemetry, _metrics_api, _trace_api
+from .telemetry import PoolTelemetry
 from .upkeep import KEEP, SHRINK, Upkeep
 from .watchdog import DEFAULT_PING_TIMEOUT
 
@@ -370,14 +370,9 @@ class _FaultTolerantPool(Pool):
         if self._closed is not None:
             raise self._closed
         telemetry = self._telemetry
-        if not telemetry._measuring and (  # PoolTelemetry.active(), inlined: no call per checkout
-            _GLOBALS_FOUND
-            and _trace_api._TRACER_PROVIDER is None
-            and _metrics_api._METER_PROVIDER is None
-        ):  # only the API's no-op providers: nothing would be kept
+        if not telemetry.active():  # only the API's no-op providers: nothing would be kept
             connection = Pool.connect(self)  # super().connect(), without making a super object
         else:
-            telemetry.active()  # notes that an SDK is seen: it stays seen
             checkout = telemetry.checkout_started(self._would_wait())
             try:
                 connection = Pool.connect(self)
