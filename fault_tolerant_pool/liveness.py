@@ -14,7 +14,7 @@ from __future__ import annotations
 import select
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.util import asbool
@@ -63,13 +63,24 @@ class LivenessPolicy:
         return cls(check, ping_after)
 
 
-class Probe(Protocol):
-    """A check of one connection that sends nothing; built once per physical connection."""
-
-    def dead(self) -> bool: ...
-
-
 Poll = Callable[[int], list[Any]]
+
+
+class Probe:
+    """A check of one physical connection that sends nothing; built once per connection.
+
+    Two callables, called by the checkout itself (no method of the probe in between: every
+    checkout runs them): ``closed()``, the driver's own flag, and ``readable(0)``, a ``poll()``
+    of the idle socket (an empty list when nothing waits). The connection is dead when either
+    says so. ``closed`` is asked first: once the driver has closed the socket its descriptor may
+    belong to another connection.
+    """
+
+    __slots__ = ("closed", "readable")
+
+    def __init__(self, closed: Callable[[], bool], readable: Poll) -> None:
+        self.closed = closed
+        self.readable = readable
 
 
 def _readable(fd: int) -> Poll:
@@ -86,43 +97,27 @@ def _readable(fd: int) -> Poll:
     return by_select
 
 
-class PsycopgProbe:
+def _never(timeout: int) -> list[Any]:
+    return []
+
+
+def psycopg_probe(connection: Any) -> Probe:
     """psycopg 3, sync or async: closed by psycopg already, or a readable idle socket.
 
     libpq reads only when asked, so whatever the server sent waits in the socket. A connection
     that LISTENs and has a notification pending is replaced too (pools rarely LISTEN).
+    ``closed`` is psycopg's own property, called as a bound function.
     """
-
-    __slots__ = ("_connection", "_poll")
-
-    def __init__(self, connection: Any) -> None:
-        self._connection = connection
-        self._poll = _readable(connection.fileno())
-
-    def dead(self) -> bool:
-        return bool(self._connection.closed or self._poll(0))
+    closed = type(connection).closed.fget.__get__(connection)
+    return Probe(closed, _readable(connection.fileno()))
 
 
-class AsyncpgProbe:
-    """asyncpg: its own closed flag, then the socket, for a close the event loop has not read yet.
-
-    ``is_closed()`` comes first: once asyncpg has closed the socket its descriptor may belong to
-    another connection.
-    """
-
-    __slots__ = ("_connection", "_poll")
-
-    def __init__(self, connection: Any) -> None:
-        self._connection = connection
-        transport = getattr(connection, "_transport", None)
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        self._poll: Poll | None = _readable(sock.fileno()) if sock is not None else None
-
-    def dead(self) -> bool:
-        if self._connection.is_closed():
-            return True
-        poll = self._poll
-        return poll is not None and bool(poll(0))
+def asyncpg_probe(connection: Any) -> Probe:
+    """asyncpg: its own closed flag (``is_closed()``, set once the event loop has seen the
+    close), then the socket, for a close the event loop has not read yet."""
+    transport = getattr(connection, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return Probe(connection.is_closed, _readable(sock.fileno()) if sock is not None else _never)
 
 
 def probe_for(driver_connection: Any) -> Probe | None:
@@ -130,9 +125,9 @@ def probe_for(driver_connection: Any) -> Probe | None:
     module = type(driver_connection).__module__
     try:
         if module.startswith("asyncpg"):
-            return AsyncpgProbe(driver_connection)
+            return asyncpg_probe(driver_connection)
         if module.startswith("psycopg") and hasattr(driver_connection, "fileno"):
-            return PsycopgProbe(driver_connection)
+            return psycopg_probe(driver_connection)
     except (OSError, ValueError, AttributeError):  # closed already, or an unexpected shape
         return None
     return None

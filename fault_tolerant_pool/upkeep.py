@@ -140,7 +140,7 @@ class Upkeep:
         if life.fresh:
             return  # made for this very checkout: no probe, no ping (pool_pre_ping skips it too)
         probe = life.probe
-        if probe is not None and probe.dead():
+        if probe is not None and (probe.closed() or probe.readable(0)):
             self._replace(record, "closed by the server, or it sent an error, while idle")
             return
         ping_after = self.ping_after

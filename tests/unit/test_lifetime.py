@@ -165,13 +165,20 @@ class Record:
 
 
 class Probe:
+    """Like liveness.Probe: ``closed()`` then ``readable(0)``; counts the looks at the socket."""
+
     def __init__(self) -> None:
         self.is_dead = False
+        self.is_closed = False
         self.looks = 0
 
-    def dead(self) -> bool:
+    def closed(self) -> bool:
+        return self.is_closed
+
+    def readable(self, timeout: int) -> list[int]:
+        assert timeout == 0  # never waits
         self.looks += 1
-        return self.is_dead
+        return [1] if self.is_dead else []
 
 
 class Dialect:
@@ -260,6 +267,18 @@ def test_dead_connection_is_replaced_without_a_ping() -> None:
     keeper.checkout(record, dialect)
     assert len(record.invalidated) == 1 and "liveness check" in str(record.invalidated[0])
     assert dialect.pings == 0 and counters.retired["liveness"] == 1
+
+
+def test_a_connection_its_driver_closed_is_replaced_without_a_look_at_its_socket() -> None:
+    # once the driver closed it, its descriptor number may belong to another connection
+    clock = Clock()
+    keeper, counters = upkeep(clock)
+    probe, dialect = Probe(), Dialect()
+    record = connected(keeper, probe)
+    probe.is_closed = True
+    keeper.checkout(record, dialect)
+    assert len(record.invalidated) == 1 and probe.looks == 0 and dialect.pings == 0
+    assert counters.retired["liveness"] == 1
 
 
 def test_ping_only_after_the_idle_threshold() -> None:
