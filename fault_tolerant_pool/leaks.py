@@ -67,7 +67,9 @@ CALLERS: Any = object()
 _LOOP_STEP: CodeType = asyncio.events.Handle._run.__code__
 
 
-def capture_stack(frame: Any = CALLERS, parent: Any = None, last: Any = None) -> Stack:
+def capture_stack(
+    frame: Any = CALLERS, parent: Any = None, last: Any = None, outer: Any = None
+) -> Stack:
     """The frames from ``frame`` (default: the caller's caller; None: none) outwards, cheaply:
     no line numbers, no strings (resolved when reported).
 
@@ -79,7 +81,8 @@ def capture_stack(frame: Any = CALLERS, parent: Any = None, last: Any = None) ->
     Every frame walked costs Python a frame object, made now and freed when the frame returns
     (measured: 2-3 % of a ``SELECT 1`` loop's throughput for 8 frames), so the walk is two plain
     loops (this greenlet's frames, then the parent's), stops at ``last`` without touching the
-    event loop's frames, and stops at :data:`MAX_FRAMES`.
+    event loop's frames, and stops at :data:`MAX_FRAMES`. ``outer``: where the parent's frames
+    start, when not where it is suspended (``parent`` is then not read).
     """
     if frame is CALLERS:
         frame = _getframe(2)
@@ -94,8 +97,8 @@ def capture_stack(frame: Any = CALLERS, parent: Any = None, last: Any = None) ->
         append(frame.f_lasti)
         left -= 1
         frame = frame.f_back
-    if parent is not None:
-        frame = parent.gr_frame
+    if outer is not None or parent is not None:
+        frame = outer if outer is not None else parent.gr_frame
         while frame is not None:
             code = frame.f_code
             if code is _LOOP_STEP or not left:
@@ -113,13 +116,16 @@ def capture_task_stack(depth: int, parent: Any, last: Any) -> Stack:
     """:func:`capture_stack` for a checkout in SQLAlchemy's greenlet, ``depth`` frames above
     the caller: the parent's frames first, and this greenlet's only when they may hold the
     application's. ``AsyncConnection.start`` spawns the greenlet that runs ``Engine.connect``,
-    all SQLAlchemy's own frames (left out of a report anyway), so after it they are not walked:
-    the checkout of ``async with engine.connect()`` walks no frame of SQLAlchemy's greenlet.
+    all SQLAlchemy's own frames (left out of a report anyway), so after it they are not walked,
+    and neither ``start`` nor ``greenlet_spawn`` above it is kept: the checkout of
+    ``async with engine.connect()`` keeps two frames (``__aenter__`` and the application's).
     Anything else (``run_sync``, a session) walks them: the application's code may run there.
     """
+    spawn = None if parent is None else parent.gr_frame  # greenlet_spawn, in its switch here
+    start = None if spawn is None else spawn.f_back
+    if start is not None and start.f_code is _async_connection_start and start is not last:
+        return capture_stack(None, None, last, start.f_back)
     outer = capture_stack(None, parent, last)  # the parent's frames only
-    if len(outer) > 2 and outer[2] is _async_connection_start:
-        return outer
     return (capture_stack(_getframe(depth + 1)) + outer)[: MAX_FRAMES * 2]
 
 
@@ -214,7 +220,8 @@ class Site:
 
 Entry = tuple[float, Any, Stack, Any]
 """What a checkout notes, as a plain tuple (the cheapest object to make): since when, held by
-whom (the task's name, or the thread), the stack, SQLAlchemy's weak reference to the fairy."""
+whom (the task, or the thread: names are read when reported), the stack, SQLAlchemy's weak
+reference to the fairy."""
 
 
 class Checkout:
@@ -229,16 +236,31 @@ class Checkout:
 
     @property
     def holder(self) -> str:
-        """``task 'name'`` or ``thread 'name'``."""
+        """``task 'name'`` or ``thread 'name'``, read now (both can be renamed)."""
         who = self.who
         if isinstance(who, threading.Thread):
-            return f"thread {who.name!r}"  # read now: threads get renamed
-        return f"task {who!r}"
+            return f"thread {who.name!r}"
+        if isinstance(who, asyncio.Task):
+            return f"task {who.get_name()!r}"
+        return f"task {who!r}"  # an asyncio.Future-like task of another loop implementation
 
 
 _get_running_loop = asyncio.events._get_running_loop
-_current_task = asyncio.current_task
 _current_thread = threading.current_thread
+
+
+def _task_lookup() -> Callable[[Any], Any]:
+    """``asyncio.current_task(loop)`` for a loop known to run, without a Python frame when the
+    interpreter allows: 3.12 and later implement it in C; 3.10 and 3.11 in Python, as a look
+    into the ``_current_tasks`` mapping that the C tasks keep up to date (used directly)."""
+    current_task = asyncio.current_task
+    tasks = getattr(current_task, "__globals__", {}).get("_current_tasks")
+    if isinstance(tasks, dict):
+        return tasks.get
+    return current_task
+
+
+_current_task = _task_lookup()
 
 
 class LeakListener(Protocol):
@@ -301,10 +323,10 @@ class LeakTracker:
             if task is None:  # a checkout outside any task: this thread's frames
                 who: Any = _current_thread()
                 stack = capture_stack(_getframe(depth))
-            else:
-                who = task.get_name()
+            else:  # the task itself is kept: its name is read when reported
+                who = task
                 try:
-                    last = task.get_coro().cr_frame  # type: ignore[union-attr]  # its outermost
+                    last = task.get_coro().cr_frame  # its outermost frame
                 except AttributeError:  # not a coroutine: up to the event loop's step
                     last = None
                 stack = capture_task_stack(depth, getcurrent().parent, last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import socket
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import ArgumentError
 
+from fault_tolerant_pool import leaks as leaks_module
 from fault_tolerant_pool.leaks import LeakTracker, Site, capture_stack, leak_threshold
 from fault_tolerant_pool.shutdown import (
     PoolClosed,
@@ -380,3 +382,38 @@ def test_the_walk_of_a_task_stops_at_its_outermost_frame() -> None:
 
     stack = task_outermost()
     assert [code.co_name for code in stack[::2]] == ["suspended_in_parent", "task_outermost"]
+
+
+def test_the_task_lookup_is_asyncios_own() -> None:
+    async def inside() -> bool:
+        return leaks_module._current_task(asyncio.get_running_loop()) is asyncio.current_task()
+
+    assert asyncio.run(inside())
+
+
+def test_a_task_is_reported_by_the_name_it_has_when_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outside SQLAlchemy's greenlet too (a pool used directly from a coroutine): the walk is
+    of this greenlet's frames, the task is kept and its name read when the report is made."""
+    clock = Clock()
+    leaks = LeakTracker(0.5, None, clock=clock, in_loop=True)
+    leaks.watcher = Watcher()
+    fairy = Fairy()
+
+    async def handler() -> object:
+        return check_out_here(leaks, fairy)
+
+    async def main() -> object:
+        task = asyncio.create_task(handler(), name="orders-worker")
+        record = await task
+        task.set_name("orders-worker-renamed")
+        return record
+
+    caplog.set_level(logging.WARNING, "fault_tolerant_pool.leak")
+    asyncio.run(main())
+    clock.now += 0.6
+    leaks.watch()
+    (warning,) = caplog.records
+    assert "by task 'orders-worker-renamed'" in warning.getMessage()
+    assert "in check_out_here" in warning.getMessage()
