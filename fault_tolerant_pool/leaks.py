@@ -67,22 +67,20 @@ CALLERS: Any = object()
 _LOOP_STEP: CodeType = asyncio.events.Handle._run.__code__
 
 
-def capture_stack(
-    frame: Any = CALLERS, parent: Any = None, last: Any = None, outer: Any = None
-) -> Stack:
+def capture_stack(frame: Any = CALLERS, outer: Any = None, last: Any = None) -> Stack:
     """The frames from ``frame`` (default: the caller's caller; None: none) outwards, cheaply:
     no line numbers, no strings (resolved when reported).
 
-    ``parent``: for async engines, the parent greenlet (the event loop's, running the task);
-    the pool's code runs in SQLAlchemy's greenlet, whose own frames end where it was spawned,
-    so the walk goes on from where the parent is suspended to the application's coroutines, up
-    to ``last`` (the task's outermost coroutine) or the event loop's step of the task.
+    ``outer``: for async engines, the frame the parent greenlet (the event loop's, running the
+    task) is suspended in, or one of its callers; the pool's code runs in SQLAlchemy's greenlet,
+    whose own frames end where it was spawned, so the walk goes on from ``outer`` to the
+    application's coroutines, up to ``last`` (the task's outermost coroutine) or the event
+    loop's step of the task.
 
     Every frame walked costs Python a frame object, made now and freed when the frame returns
     (measured: 2-3 % of a ``SELECT 1`` loop's throughput for 8 frames), so the walk is two plain
     loops (this greenlet's frames, then the parent's), stops at ``last`` without touching the
-    event loop's frames, and stops at :data:`MAX_FRAMES`. ``outer``: where the parent's frames
-    start, when not where it is suspended (``parent`` is then not read).
+    event loop's frames, and stops at :data:`MAX_FRAMES`.
     """
     if frame is CALLERS:
         frame = _getframe(2)
@@ -97,8 +95,8 @@ def capture_stack(
         append(frame.f_lasti)
         left -= 1
         frame = frame.f_back
-    if outer is not None or parent is not None:
-        frame = outer if outer is not None else parent.gr_frame
+    if outer is not None:
+        frame = outer
         while frame is not None:
             code = frame.f_code
             if code is _LOOP_STEP or not left:
@@ -124,8 +122,8 @@ def capture_task_stack(depth: int, parent: Any, last: Any) -> Stack:
     spawn = None if parent is None else parent.gr_frame  # greenlet_spawn, in its switch here
     start = None if spawn is None else spawn.f_back
     if start is not None and start.f_code is _async_connection_start and start is not last:
-        return capture_stack(None, None, last, start.f_back)
-    outer = capture_stack(None, parent, last)  # the parent's frames only
+        return capture_stack(None, start.f_back, last)
+    outer = capture_stack(None, spawn, last)  # the parent's frames only
     return (capture_stack(_getframe(depth + 1)) + outer)[: MAX_FRAMES * 2]
 
 

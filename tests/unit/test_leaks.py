@@ -366,19 +366,15 @@ def secret_checkout_site(url: str) -> Any:
 
 
 def test_the_walk_of_a_task_stops_at_its_outermost_frame() -> None:
-    """``capture_stack(None, parent, last)``: none of this greenlet's frames, the parent's from
-    where it is suspended outwards, up to and including ``last`` (the task's coroutine)."""
-
-    class Parent:
-        gr_frame: Any = None
+    """``capture_stack(None, outer, last)``: none of this greenlet's frames, the parent's from
+    where it is suspended (``outer``) outwards, up to and including ``last`` (the task's
+    coroutine)."""
 
     def task_outermost() -> list[Any]:
         return suspended_in_parent()
 
     def suspended_in_parent() -> list[Any]:
-        parent = Parent()
-        parent.gr_frame = sys._getframe()
-        return capture_stack(None, parent, last=sys._getframe(1))
+        return capture_stack(None, sys._getframe(), last=sys._getframe(1))
 
     stack = task_outermost()
     assert [code.co_name for code in stack[::2]] == ["suspended_in_parent", "task_outermost"]
