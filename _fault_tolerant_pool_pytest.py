@@ -20,6 +20,7 @@ import pytest
 
 if TYPE_CHECKING:
     from fault_tolerant_pool.testing.bouncer import PgBouncer
+    from fault_tolerant_pool.testing.patroni import PatroniCluster
     from fault_tolerant_pool.testing.proxy import FaultProxy
     from fault_tolerant_pool.testing.server import PostgresServer
 
@@ -126,3 +127,34 @@ def pgbouncer(pg_server: PostgresServer) -> Iterator[PgBouncer]:
         yield bouncer
     finally:
         bouncer.destroy()
+
+
+def _new_patroni_cluster() -> PatroniCluster:
+    from fault_tolerant_pool.testing.patroni import PatroniCluster
+
+    cluster = PatroniCluster()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.destroy()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def patroni_cluster_session() -> Iterator[PatroniCluster]:
+    """One Patroni cluster (etcd, two nodes, HAProxy) for the whole session, started on first use
+    (about 10 s); tests that break it use ``patroni_cluster``, which restores it first."""
+    cluster = _require(_new_patroni_cluster)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def patroni_cluster(patroni_cluster_session: PatroniCluster) -> PatroniCluster:
+    """The session's Patroni cluster, restored to health (a leader, a streaming replica, HAProxy
+    routing to the leader) before the test: break it as you like."""
+    patroni_cluster_session.restore()
+    return patroni_cluster_session

@@ -96,6 +96,7 @@ class RetryingConnector:
         hosts: HostRotation | None = None,
         wants_writer: bool = False,
         doubt: Doubt | None = None,
+        vet: Callable[[Any], object] | None = None,
     ) -> None:
         self.creator = creator
         self.policy = policy
@@ -117,6 +118,9 @@ class RetryingConnector:
         self.wants_writer = wants_writer
         self.doubt = doubt
         """With ``ping``: ping only while this is active (None: ping every new connection)."""
+        self.vet = vet
+        """Raises when a new connection must not be handed out (then it is closed, and the
+        error is classified like a failed attempt)."""
 
     def __call__(self, record: Any) -> Any:
         telemetry = self.telemetry
@@ -133,12 +137,14 @@ class RetryingConnector:
         gate = self.gate
         hosts = self.hosts.round() if self.hosts is not None else None
         held = False  # held at the gate while another caller probed
+        admitted = 0.0  # when the gate let the current attempt (or round of hosts) go
         while True:
             secret: Secret | None = None
             if gate is not None and (hosts is None or not hosts.position):
                 entered = self.clock()
                 self._admit(gate, backoff)  # once a round: the gate sees rounds, not hosts
-                held = held or self.clock() - entered > GATE_HELD
+                admitted = self.clock()
+                held = held or admitted - entered > GATE_HELD
             started = self.clock()
             if hosts is None:
                 timer.begin(started, backoff.remaining(started))
@@ -175,7 +181,9 @@ class RetryingConnector:
                     self._log_attempt(error, verdict, backoff.failures + 1, 0.0, None, hosts)
                     continue
                 if gate is not None:
-                    gate.finished(now, error if verdict.transient else None, backoff.started)
+                    gate.finished(
+                        now, error if verdict.transient else None, backoff.started, admitted
+                    )
                 refresh: str | None = None
                 if verdict.transient:
                     delay = backoff.next_delay(now, self.random)
@@ -215,7 +223,7 @@ class RetryingConnector:
                 raise
             else:
                 if gate is not None:
-                    gate.finished(self.clock(), None, backoff.started)
+                    gate.finished(self.clock(), None, backoff.started, admitted)
                 if record is not None and (backoff.failures or held):
                     # SQLAlchemy stamped the record when the connect began; after retries, or a
                     # wait at the gate for another caller's probe, that is too early: an
@@ -265,6 +273,8 @@ class RetryingConnector:
                 doubt = self.doubt
                 if doubt is None or (doubt.until and doubt.active()):
                     self._ping(connection)
+            if self.vet is not None:
+                self._check(self.vet, connection)
             return connection
         except BaseException as error:  # cancelled too: what the attempt opened must close now
             release_frames(error)
@@ -275,8 +285,13 @@ class RetryingConnector:
     def _ping(self, connection: Any) -> None:
         """Ping a new connection; if that fails (or is cancelled), close it and re-raise."""
         assert self.ping is not None
+        self._check(self.ping, connection)
+
+    def _check(self, check: Callable[[Any], object], connection: Any) -> None:
+        """Run ``check`` on a new connection; if it raises (or is cancelled), close the
+        connection and re-raise."""
         try:
-            self.ping(connection)
+            check(connection)
         except BaseException:
             if self.discard is not None:
                 with contextlib.suppress(Exception):

@@ -19,6 +19,12 @@ statement fails with a read-only signal (or after its liveness ping):
   the pool was ever made to a writable server); in a pool that had a writer, the connection was
   made to the old writer during a failover (a single address, a VIP or a proxy, that has not
   moved yet), and is replaced, so that its successor may reach the new writer.
+- better still, such a connection is not handed out at all: while the pool is in doubt (a
+  connection error or disconnect in the last seconds, see :mod:`.doubt`), a new connection of a
+  pool that had a writer whose server reports itself read-only is closed and the connect is
+  retried (:class:`ReadOnlyRoute`, a transient connect error), as HAProxy keeps sending new
+  connections to a Patroni leader restarted as a replica until its next health check. Outside
+  doubt it is handed out (a pool whose address also leads to replicas keeps reading from them).
 - the server reports neither (PostgreSQL 13 and older): a read-only signal counts as a
   demotion only when the URL asks for a writer (``target_session_attrs=read-write``/``primary``).
 
@@ -51,6 +57,11 @@ READ_ONLY_SIGNALS: dict[str, str | None] = {
 #: whether the server was read-only when the record's connection was made (None: it did not
 #: say). Written at every connect, so it always describes the current connection.
 CONNECTED_READ_ONLY = "fault_tolerant_pool.read_only"
+
+
+class ReadOnlyRoute(ConnectionError):
+    """A new connection reached a read-only server where this pool's connections reached a
+    writer: a route that has not moved yet after a failover. Transient: the connect is retried."""
 
 
 def reported_read_only(driver_connection: Any) -> bool | None:
@@ -128,6 +139,15 @@ class DemotionWatch:
         info[CONNECTED_READ_ONLY] = read_only
         if read_only is False and not self.had_writer:
             self.had_writer = True
+
+    def vet(self, driver_connection: Any) -> None:
+        """Refuse a new connection to a read-only server in a pool that had a writer (call it
+        only while the pool is in doubt: see the module docstring)."""
+        if self.had_writer and reported_read_only(driver_connection) is True:
+            raise ReadOnlyRoute(
+                "the server reached is read-only (a standby, or a demoted writer) where this "
+                "pool's connections reached a writer: a route not yet moved after a failover"
+            )
 
     def judge(self, info: dict[str, Any], driver_connection: Any, signal: bool = True) -> bool:
         """Whether the connection's server was demoted: after a statement's read-only

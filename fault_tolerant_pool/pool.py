@@ -321,7 +321,17 @@ class _FaultTolerantPool(Pool):
             hosts=ft.hosts,
             wants_writer=ft.wants_writer,
             gate=ft.gate,
+            vet=self._vet_new if ft.demotion is not None and self._keeps_connections else None,
         )
+
+    def _vet_new(self, dbapi_connection: Any) -> None:
+        """While in doubt, refuse a read-only server in a pool that had a writer (a route not
+        yet moved after a failover: see :mod:`.demotion`)."""
+        ft = self._fault_tolerance
+        doubt = ft.doubt
+        demotion = ft.demotion
+        if doubt.until and demotion is not None and demotion.had_writer and doubt.active():
+            demotion.vet(self._dialect.get_driver_connection(dbapi_connection))
 
     def _ping_new(self, dbapi_connection: Any) -> None:
         dialect: Any = self._dialect
@@ -355,6 +365,8 @@ class _FaultTolerantPool(Pool):
         if not event.contains(dialect, "handle_error", ft.handle_error):
             event.listen(dialect, "handle_error", ft.handle_error)
         upkeep = self._upkeep
+        if upkeep is not None:
+            upkeep.doubt = ft.doubt
         if upkeep is not None and ft.demotion is not None:
             upkeep.demotion = ft.demotion
             upkeep.invalidate_pool = self._invalidate_all

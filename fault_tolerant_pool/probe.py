@@ -17,6 +17,12 @@ The :class:`Gate` keeps one state per pool:
   :attr:`ProbeSchedule.recovery_concurrency` at a time (no herd on the server that just came
   back), until nobody waits; then ``healthy``.
 
+An attempt in flight for longer than a login normally takes here (:mod:`.hedge`) is presumed
+held by a proxy that accepted it and has no server to give it: it no longer counts against those
+limits, and a waiting caller tries alongside it (at most :attr:`ProbeSchedule.hedge_limit` more,
+paced like probes while failing fast). A failure of an attempt that began before the server was last
+reached is stale news and changes no state.
+
 A caller that gives up (its deadline, a cancellation) hands on whatever it was woken for, so no
 waiter is stranded. Waiting is a :class:`Waiter`: a ``threading.Event`` for sync engines, an
 ``asyncio`` future awaited through SQLAlchemy's greenlet bridge for async ones (the event loop
@@ -41,6 +47,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy.util import await_only
 
 from .errors import DatabaseUnreachable, unreachable_error, unreachable_message
+from .hedge import LoginTimes
 
 logger = logging.getLogger("fault_tolerant_pool.probe")
 
@@ -80,6 +87,8 @@ class ProbeSchedule:
     healthy_concurrency: int | None = 4
     """None: no limit (``FaultTolerantNullPool``, where every checkout is a connect)."""
     recovery_concurrency: int = 2
+    hedge_limit: int = 8
+    """Attempts presumed held that may be in flight beyond the limits above."""
 
     def pause(self, age: float, draw: float) -> float:
         """Seconds from a failed probe to the next, ``age`` seconds into the failure;
@@ -195,6 +204,8 @@ class GateFigures:
     unreachable_since: float | None
     outage_attempts: int
     outages: int
+    hedged: int
+    """Attempts admitted alongside one presumed held (see :mod:`.hedge`)."""
     last_outage: float | None
     fast_failures: int
     waiting: int
@@ -219,6 +230,7 @@ class Gate:
         wall: Callable[[], float] = time.time,
         random: Callable[[], float] = _random.random,
         waiter: Callable[[bool], Waiter] = default_waiter,
+        logins: LoginTimes | None = None,
     ) -> None:
         self.deadline = deadline
         self.fail_fast = fail_fast
@@ -228,6 +240,7 @@ class Gate:
         self.wall = wall
         self.random = random
         self.waiter = waiter
+        self.logins = logins if logins is not None else LoginTimes()
         self.listener: GateListener | None = None
         self._lock = threading.Lock()
         self._state: State = "healthy"
@@ -236,7 +249,10 @@ class Gate:
         self._failing_since = 0.0  # monotonic
         self._failing_wall = 0.0
         self._next_probe_at = 0.0
+        self._last_go = float("-inf")  # when the newest attempt was admitted
+        self._reached_at = float("-inf")  # when an attempt last reached the server
         self.outage_attempts = 0
+        self.hedged = 0
         self.last_error: Exception | None = None
         self.outages = 0
         self.last_outage: float | None = None
@@ -275,6 +291,7 @@ class Gate:
                         self._waiters.append(waiter)
                     elif admission is Admission.GO:
                         self._in_flight += 1
+                        self._last_go = now
                         return admission
                     else:
                         return admission
@@ -288,14 +305,25 @@ class Gate:
                     if waiter.woken:
                         self._wake_free()  # hand on what this caller was woken for
 
-    def finished(self, now: float, error: Exception | None, started: float) -> None:
+    def finished(
+        self,
+        now: float,
+        error: Exception | None,
+        started: float,
+        attempt_started: float | None = None,
+    ) -> None:
         """Report an attempt admitted with ``GO``: ``error`` is None when the server was reached
         (connected, or answered with a permanent error), else the transient error.
-        ``started`` is when the caller's connect began (its first attempt)."""
+        ``started`` is when the caller's connect began (its first attempt), ``attempt_started``
+        when this attempt did (its duration feeds :attr:`logins`; None: unknown)."""
         with self._lock:
             self._in_flight -= 1
             if error is None:
+                if attempt_started is not None:
+                    self.logins.observe(now - attempt_started)
                 self._reached(now)
+            elif attempt_started is not None and attempt_started < self._reached_at:
+                self._wake_free()  # stale: the server was reached after this attempt began
             else:
                 self._failed(now, error, started)
 
@@ -318,6 +346,7 @@ class Gate:
             unreachable_since=self.unreachable_since(),
             outage_attempts=self.outage_attempts,
             outages=self.outages,
+            hedged=self.hedged,
             last_outage=self.last_outage,
             fast_failures=self.fast_failures,
             waiting=self.room.waiting,
@@ -365,6 +394,36 @@ class Gate:
 
     # -- the state machine (called with the lock held) --------------------------------------------
 
+    def _limit(self) -> float:
+        """Attempts that may be in flight in this state before the next must wait."""
+        state = self._state
+        if state == "healthy":
+            cap = self.schedule.healthy_concurrency
+            return float("inf") if cap is None else cap
+        return self.schedule.recovery_concurrency if state == "recovering" else 1
+
+    def _held_until(self) -> float:
+        """When the attempts in flight, all at the state's limit, count as held: another may
+        go then (inf: :attr:`ProbeSchedule.hedge_limit` more are already in flight). A held
+        attempt costs the server nothing (the proxy holds it), so only a long outage (failing
+        fast) paces them like probes."""
+        if self._in_flight >= self._limit() + self.schedule.hedge_limit:
+            return float("inf")
+        delay = self.logins.held_after
+        if self._state == "failing_fast":  # a long outage: paced like the probes
+            delay = max(delay, self.schedule.pause(self._last_go - self._failing_since, 0.5))
+        return self._last_go + delay
+
+    def _hedge(self, now: float) -> tuple[Admission, float]:
+        """Admit an attempt beside those presumed held."""
+        self.hedged += 1
+        logger.debug(
+            "%d connect attempt(s) in flight for over %.3fs: another caller tries alongside",
+            self._in_flight,
+            now - self._last_go,
+        )
+        return Admission.GO, now
+
     def _decide(self, now: float, deadline_at: float) -> tuple[Admission | None, float]:
         """(admission, or None to wait; until when to wait at most)."""
         state = self._state
@@ -372,28 +431,31 @@ class Gate:
             cap = self.schedule.healthy_concurrency
             if cap is None or self._in_flight < cap:
                 return Admission.GO, now
-            return (Admission.EXPIRED, now) if now >= deadline_at else (None, deadline_at)
+            held = self._held_until()
+            if now >= held:
+                return self._hedge(now)
+            return (Admission.EXPIRED, now) if now >= deadline_at else (None, held)
         if state == "failing" and self.fail_fast and now - self._failing_since >= self.deadline:
             state = self._open(now)
         if now >= deadline_at:
             return Admission.EXPIRED, now  # (a caller that waited its whole deadline)
-        if state == "failing_fast":
-            if self._in_flight == 0 and now >= self._next_probe_at:
-                return Admission.GO, now
-            return Admission.FAIL_FAST, now
         if state == "recovering":
             if self._in_flight < self.schedule.recovery_concurrency:
                 return Admission.GO, now
-            return None, deadline_at
-        # failing: one probe at a time, not before it is due; wait for its outcome, its next
-        # turn or fail-fast, whichever comes first
-        until = deadline_at
+            held = self._held_until()
+            return self._hedge(now) if now >= held else (None, min(deadline_at, held))
+        # failing: one probe at a time (more only beside one presumed held), not before it is
+        # due; wait for its outcome, its next turn or fail-fast, whichever comes first
+        due = self._next_probe_at
+        if self._in_flight:
+            due = max(due, self._held_until())
+        if now >= due:
+            return self._hedge(now) if self._in_flight else (Admission.GO, now)
+        if state == "failing_fast":
+            return Admission.FAIL_FAST, now
+        until = min(deadline_at, due)
         if self.fail_fast:
             until = min(until, self._failing_since + self.deadline)
-        if self._in_flight == 0:
-            if now >= self._next_probe_at:
-                return Admission.GO, now
-            until = min(until, self._next_probe_at)
         return None, until
 
     def _open(self, now: float) -> State:
@@ -424,6 +486,7 @@ class Gate:
         self._wake_all()  # each recomputes until when it waits (the next probe's time)
 
     def _reached(self, now: float) -> None:
+        self._reached_at = now
         state = self._state
         if state in ("failing", "failing_fast"):
             length = now - self._failing_since

@@ -82,6 +82,9 @@ class PoolStats:
     """Seconds the latest ended failure lasted."""
     fast_failures: int = 0
     """Connects refused at once while failing fast."""
+    hedged_attempts: int = 0
+    """Connect attempts started beside others presumed held (in flight longer than a login
+    normally takes here, e.g. accepted by a proxy that has no server to give them)."""
     waiting: int = 0
     """Callers waiting right now for the probe (and, with ``max_waiting``, for a slot)."""
     rejected_waiting: int = 0
@@ -235,6 +238,7 @@ class ConnectCounters:
             outages=gate.outages,
             last_outage=gate.last_outage,
             fast_failures=gate.fast_failures,
+            hedged_attempts=gate.hedged,
             waiting=gate.waiting,
             rejected_waiting=gate.rejected,
         )

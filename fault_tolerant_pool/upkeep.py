@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import DisconnectionError
 
 from .demotion import DemotionWatch
+from .doubt import Doubt
 from .lifetime import IdleWindow, LifetimePolicy
 from .liveness import LivenessPolicy, Probe, probe_for
 from .stats import ConnectCounters, Retirement
@@ -82,6 +83,8 @@ class Upkeep:
         self.demotion: DemotionWatch | None = None
         """Judges what the liveness ping learnt: a server demoted since the connect."""
         self.invalidate_pool: Callable[[], None] = _nothing
+        self.doubt: Doubt | None = None
+        """Raised when a dead connection is found: a sign of trouble (see :mod:`.doubt`)."""
         self.generation = 0
         """Bumped by :meth:`drain`; a connection of an older generation is not lent again."""
         self.closed: PoolClosed | None = None
@@ -197,6 +200,8 @@ class Upkeep:
 
     def _replace(self, record: Any, why: str) -> None:
         self.counters.retire("liveness")
+        if self.doubt is not None:
+            self.doubt.raised()
         logger.info("replacing a dead pooled connection before checkout: %s", why)
         record.invalidate(DisconnectionError(f"liveness check: {why}"))
 

@@ -1,4 +1,5 @@
-"""Throwaway PostgreSQL servers, PgBouncers and a fault-injecting TCP proxy for tests.
+"""Throwaway PostgreSQL servers, PgBouncers, Patroni clusters and a fault-injecting TCP proxy
+for tests.
 
 Everything runs as real processes on 127.0.0.1 (as the ``postgres`` OS user when we are root).
 The classes are imported on first use, so loading the pytest plugin costs nothing for projects
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .bouncer import PgBouncer, find_pgbouncer
     from .failover import multi_host_url
+    from .patroni import PatroniCluster, PatroniNode, PatroniTiming, find_patroni_stack
     from .proxy import FaultProxy
     from .server import (
         PostgresServer,
@@ -24,11 +26,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FaultProxy",
+    "PatroniCluster",
+    "PatroniNode",
+    "PatroniTiming",
     "PgBouncer",
     "PostgresServer",
     "PsqlError",
     "ServerError",
     "ServerUnavailable",
+    "find_patroni_stack",
     "find_pgbouncer",
     "find_postgres_bindir",
     "multi_host_url",
@@ -43,6 +49,10 @@ _HOMES = {
     "ServerError": ".server",
     "ServerUnavailable": ".server",
     "find_postgres_bindir": ".server",
+    "PatroniCluster": ".patroni",
+    "PatroniNode": ".patroni",
+    "PatroniTiming": ".patroni",
+    "find_patroni_stack": ".patroni",
     "multi_host_url": ".failover",
 }
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from fault_tolerant_pool.errors import DatabaseUnreachable
+from fault_tolerant_pool.hedge import INITIAL
 from fault_tolerant_pool.probe import Admission, Gate, ProbeSchedule, WaitingRoom
 
 from .fakes import Clock, FakeDBAPI
@@ -19,6 +20,8 @@ from .fakes import Clock, FakeDBAPI
 DEADLINE = 10.0
 #: No jitter (a draw of 0.5), so the pauses are the schedule's own.
 SCHEDULE = ProbeSchedule()
+#: Attempts in flight are never presumed held: what waiting behind a probe is, on its own.
+NO_HEDGING = ProbeSchedule(hedge_limit=0)
 
 
 class FakeWaiter:
@@ -41,14 +44,16 @@ class FakeWaiter:
 class World:
     """A clock, a gate, and what happens while a caller waits (one action per wait, in order)."""
 
-    def __init__(self, fail_fast: bool = True, room: WaitingRoom | None = None) -> None:
+    def __init__(
+        self, fail_fast: bool = True, room: WaitingRoom | None = None, hedging: bool = True
+    ) -> None:
         self.clock = Clock()
         self.waits: list[float] = []
         self.during_wait: list[Callable[[], object] | None] = []
         self.gate = Gate(
             DEADLINE,
             fail_fast=fail_fast,
-            schedule=SCHEDULE,
+            schedule=SCHEDULE if hedging else NO_HEDGING,
             room=room,
             clock=self.clock,
             wall=lambda: 1_000_000.0 + self.clock.now,
@@ -94,11 +99,13 @@ def test_healthy_callers_go_at_once_up_to_the_concurrency_limit() -> None:
         assert world.enter() is Admission.GO
     world.during_wait = [world.succeed]  # one of the four connects ends while the fifth waits
     assert world.enter() is Admission.GO
-    assert world.waits == [DEADLINE] and world.gate.state == "healthy"
+    # it would have waited no longer than until the four count as held (see the hedging tests)
+    assert world.waits == [INITIAL] and world.gate.state == "healthy"
+    assert world.gate.hedged == 0
 
 
 def test_after_a_failure_one_probe_at_a_time_paced_by_the_schedule() -> None:
-    world = failing_world()
+    world = failing_world(hedging=False)
     # nobody may try before the next probe is due: the caller waits exactly until then
     assert world.enter() is Admission.GO
     assert world.waits == [pytest.approx(SCHEDULE.pause(0.0, 0.5))]
@@ -137,7 +144,7 @@ def test_fail_fast_opens_after_a_whole_deadline_and_the_probe_keeps_going(
 
 
 def test_waiters_fail_fast_when_it_opens() -> None:
-    world = failing_world()
+    world = failing_world(hedging=False)
     assert world.enter() is Admission.GO  # a probe, in flight until the deadline
     world.during_wait = [None]
     assert world.enter(deadline=20.0) is Admission.FAIL_FAST
@@ -149,7 +156,7 @@ def test_waiters_fail_fast_when_it_opens() -> None:
 
 
 def test_without_fail_fast_callers_wait_until_their_deadline() -> None:
-    world = failing_world(fail_fast=False)
+    world = failing_world(fail_fast=False, hedging=False)
     world.clock.now += 100.0
     assert world.enter() is Admission.GO  # probe
     assert world.enter(deadline=3.0) is Admission.EXPIRED
@@ -178,7 +185,7 @@ def test_recovery_lets_waiters_connect_a_few_at_a_time() -> None:
 
 
 def test_a_cancelled_probe_owner_hands_the_probe_on() -> None:
-    world = failing_world()
+    world = failing_world(hedging=False)
     world.clock.now += 1.0
     assert world.enter() is Admission.GO  # the probe's owner
     world.during_wait = [world.gate.abandoned]  # cancelled while the next caller waits
@@ -212,7 +219,7 @@ def test_a_woken_waiter_that_gives_up_hands_its_turn_on() -> None:
 
 def test_max_waiting_refuses_beyond_the_limit() -> None:
     room = WaitingRoom(limit=1)
-    world = failing_world(room=room)
+    world = failing_world(room=room, hedging=False)
     world.clock.now += 1.0
     assert world.enter() is Admission.GO  # the probe, in flight
 
@@ -263,3 +270,76 @@ def test_the_fail_fast_error_names_since_when_and_never_a_secret() -> None:
     # the message is built once per failed probe, not once per refused caller
     again = world.gate.unreachable(FakeDBAPI, last, "08001", attempts=0, elapsed=0.0, secrets=())
     assert str(again) == str(error) and again is not error
+
+
+# -- attempts presumed held (fault_tolerant_pool.hedge) ------------------------------------------
+
+
+def test_healthy_callers_beyond_the_limit_go_once_the_attempts_in_flight_count_as_held() -> None:
+    world = World()
+    for _ in range(SCHEDULE.healthy_concurrency):
+        assert world.enter() is Admission.GO  # four logins, held by a proxy: none ends
+    assert world.enter() is Admission.GO  # the fifth waited until they counted as held
+    assert world.enter() is Admission.GO  # the sixth, one more delay after the fifth went
+    assert world.waits == [pytest.approx(INITIAL), pytest.approx(INITIAL)]
+    assert world.gate.hedged == 2 and world.gate._in_flight == 6
+
+
+def test_a_held_probe_does_not_hold_the_next_caller() -> None:
+    world = failing_world()
+    world.clock.now += 3.0
+    assert world.enter() is Admission.GO  # the probe: a proxy accepts it and holds it
+    went = world.clock.now
+    assert world.enter() is Admission.GO  # the next caller tries beside it
+    # after a login's delay (a held attempt costs the server nothing: no probe pause)
+    assert world.clock.now - went == pytest.approx(INITIAL)
+    assert world.gate.hedged == 1 and world.gate._in_flight == 2
+
+
+def test_beside_a_held_probe_while_failing_fast_a_due_caller_probes_instead_of_failing() -> None:
+    world = failing_world()
+    world.clock.now += DEADLINE
+    assert world.enter() is Admission.GO  # the probe, held
+    assert world.enter() is Admission.FAIL_FAST  # too soon: it may still answer
+    world.clock.now += SCHEDULE.last
+    assert world.enter() is Admission.GO  # held for longer than a probe's pause: try again
+    assert world.enter() is Admission.FAIL_FAST
+    assert world.gate.state == "failing_fast" and world.gate.hedged == 1
+
+
+def test_at_most_hedge_limit_attempts_beside_held_ones() -> None:
+    world = failing_world(fail_fast=False)
+    world.clock.now += 1.0
+    for _ in range(1 + SCHEDULE.hedge_limit):  # the probe, then one beside it per delay
+        assert world.enter() is Admission.GO
+    assert world.gate._in_flight == 1 + SCHEDULE.hedge_limit
+    # the next waits for an outcome, not a timer: until its own deadline at most
+    assert world.enter(deadline=5.0) is Admission.EXPIRED
+    assert world.waits[-1] == pytest.approx(5.0)
+
+
+def test_a_failure_that_began_before_the_server_was_reached_changes_nothing() -> None:
+    world = World()
+    held_since = world.clock.now
+    assert world.enter() is Admission.GO  # held by the proxy
+    world.clock.now += 0.3
+    assert world.enter() is Admission.GO  # a later attempt, routed to the new server
+    world.gate.finished(world.clock.now, None, world.clock.now, world.clock.now - 0.01)
+    world.clock.now += 1.7
+    # the held one fails at last: stale news, the pool stays healthy
+    world.gate.finished(world.clock.now, ConnectionResetError(), held_since, held_since)
+    assert world.gate.state == "healthy" and world.gate.outage_attempts == 0
+    # a failure of an attempt begun after that success is news
+    assert world.enter() is Admission.GO
+    world.gate.finished(world.clock.now, ConnectionResetError(), world.clock.now, world.clock.now)
+    assert world.gate.state == "failing"
+
+
+def test_the_logins_seen_set_when_an_attempt_counts_as_held() -> None:
+    world = World()
+    gate = world.gate
+    for _ in range(30):  # loopback logins of 5 ms
+        assert world.enter() is Admission.GO
+        gate.finished(world.clock.now + 0.005, None, world.clock.now, world.clock.now)
+    assert gate.logins.held_after == pytest.approx(0.1)  # RFC 8305's floor
+    assert gate.figures().hedged == 0
