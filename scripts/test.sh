@@ -5,8 +5,8 @@
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k outage  # extra arguments go to pytest
 #
-# Installs (as root, when missing): PostgreSQL server, PgBouncer, and chromium with chromedriver
-# (for the demo page's browser test) from Debian.
+# Installs (as root, when missing): PostgreSQL server, PgBouncer, Patroni, etcd and HAProxy (the
+# HA cluster tests), and chromium with chromedriver (for the demo page's browser test) from Debian.
 # Creates .venv (SQLAlchemy 2.1) and .venv-sa20 (SQLAlchemy 2.0) with the package and its extras
 # (.venv also with the docs extra: the docs site is built strictly, into site/, before the tests).
 set -euo pipefail
@@ -21,6 +21,16 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   need_apt+=(pgbouncer)
+fi
+# the Patroni cluster of the HA tests: etcd, Patroni and HAProxy
+if ! command -v patroni >/dev/null 2>&1; then
+  need_apt+=(patroni)
+fi
+if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then
+  need_apt+=(etcd-server)
+fi
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  need_apt+=(haproxy)
 fi
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   need_apt+=(chromium chromium-driver)
@@ -37,7 +47,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
         pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
       done
     fi
-    service pgbouncer stop >/dev/null 2>&1 || true
+    # nor does it use the services these packages may start: the suite runs its own
+    for service in pgbouncer patroni etcd haproxy; do
+      service "$service" stop >/dev/null 2>&1 || true
+    done
   else
     echo "missing system packages: ${need_apt[*]} (run as root, or install them)" >&2
     exit 1

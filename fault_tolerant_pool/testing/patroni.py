@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 Role = Literal["primary", "replica"]
+#: Patroni's ``role`` of the leader (3.0 says "master"; later versions "primary").
+WRITER_ROLES = ("master", "primary")
 
 #: Debian package of each program, for the message when one is missing.
 _PACKAGES = {"etcd": "etcd-server", "patroni": "patroni", "haproxy": "haproxy"}
@@ -401,11 +403,14 @@ class PatroniNode:
 
 @dataclass
 class ClusterTimeline:
-    """When each node was first reported writable by Patroni (``GET /primary``), and when
-    HAProxy's read-write port first had it UP as its only server, after :attr:`started`."""
+    """When each node was first reported writable by Patroni (``GET /patroni``: leading, its
+    PostgreSQL running, a postmaster other than the one before), and when HAProxy's read-write
+    port first had it UP, after :attr:`started`."""
 
     started: float
     writable: dict[str, float] = field(default_factory=dict)
+    down: dict[str, float] = field(default_factory=dict)
+    """When each node was first no longer reported writable."""
     routed: dict[str, float] = field(default_factory=dict)
     events: list[tuple[float, str]] = field(default_factory=list)
 
@@ -420,17 +425,27 @@ class ClusterTimeline:
 class _Watcher:
     """Polls every node's REST API and HAProxy's stats every ``step`` seconds."""
 
-    def __init__(self, cluster: PatroniCluster, step: float = 0.02) -> None:
+    def __init__(self, cluster: PatroniCluster, step: float = 0.05) -> None:
         self.cluster = cluster
         self.step = step
         self.timeline = ClusterTimeline(time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="patroni-watch", daemon=True)
-        self._writers: set[str] = set()
+        self._writers: dict[str, object] = {}
         self._routed: frozenset[str] = frozenset()
 
+    def _read_writers(self) -> dict[str, object]:
+        """Nodes Patroni reports leading with PostgreSQL running, with their postmaster's start
+        time (a postmaster restarted in place is a new writer)."""
+        writers: dict[str, object] = {}
+        for node in self.cluster.nodes:
+            status = node.status()
+            if status.get("role") in WRITER_ROLES and status.get("state") == "running":
+                writers[node.name] = status.get("postmaster_start_time")
+        return writers
+
     def __enter__(self) -> ClusterTimeline:
-        self._writers = {n.name for n in self.cluster.nodes if n.is_writer()}
+        self._writers = self._read_writers()
         self._routed = frozenset(self.cluster.haproxy_up("primary"))
         self._thread.start()
         return self.timeline
@@ -442,12 +457,14 @@ class _Watcher:
     def _run(self) -> None:
         timeline = self.timeline
         while not self._stop.is_set():
+            writers = self._read_writers()
             now = time.monotonic()
-            writers = {n.name for n in self.cluster.nodes if n.is_writer()}
-            for name in writers - self._writers:
-                timeline.writable.setdefault(name, now)
-                timeline.events.append((now, f"{name} writable"))
-            for name in self._writers - writers:
+            for name, started in writers.items():
+                if self._writers.get(name, writers) != started:
+                    timeline.writable.setdefault(name, now)
+                    timeline.events.append((now, f"{name} writable"))
+            for name in self._writers.keys() - writers.keys():
+                timeline.down.setdefault(name, now)
                 timeline.events.append((now, f"{name} not writable"))
             self._writers = writers
             try:
@@ -699,9 +716,21 @@ class PatroniCluster:
         except OSError:
             return False
 
-    def wait_healthy(self, timeout: float = 90.0) -> PatroniNode:
-        """Wait for :meth:`healthy`; the leader."""
-        self._wait(self.healthy, "a healthy cluster", time.monotonic() + timeout)
+    def wait_healthy(self, timeout: float = 90.0, steady: float = 1.5) -> PatroniNode:
+        """Wait until :meth:`healthy` holds for ``steady`` seconds (a node back from a failover
+        may pass for a replica, then rewind); the leader."""
+        deadline = time.monotonic() + timeout
+        since: list[float] = []
+
+        def steadily_healthy() -> bool:
+            if not self.healthy():
+                since.clear()
+                return False
+            if not since:
+                since.append(time.monotonic())
+            return time.monotonic() - since[0] >= steady
+
+        self._wait(steadily_healthy, "a healthy cluster", deadline)
         leader = self.leader()
         assert leader is not None
         return leader
@@ -731,7 +760,7 @@ class PatroniCluster:
             self._start_haproxy()
         return self.wait_healthy(timeout)
 
-    def watch(self, step: float = 0.02) -> contextlib.AbstractContextManager[ClusterTimeline]:
+    def watch(self, step: float = 0.05) -> contextlib.AbstractContextManager[ClusterTimeline]:
         """Record, while the ``with`` block runs, when Patroni reports each node writable and
         when HAProxy starts routing writes to it (polled every ``step`` seconds)."""
         return _Watcher(self, step)
@@ -744,21 +773,24 @@ class PatroniCluster:
             raise ServerError(f"the cluster has no leader now\n{self.describe()}")
         return leader
 
-    def switchover(self, candidate: PatroniNode | None = None) -> PatroniNode:
-        """A planned switchover (``POST /switchover`` on the leader); returns the old leader."""
+    def switchover(
+        self, candidate: PatroniNode | None = None, timeout: float = 30.0
+    ) -> PatroniNode:
+        """A planned switchover (``POST /switchover`` on the leader) to ``candidate`` (default:
+        the first other node); returns the old leader. Refused while the candidate is not a
+        healthy replica yet: asked again until ``timeout``."""
         leader = self._current_leader()
-        body: dict[str, str] = {"leader": leader.name}
-        if candidate is not None:
-            body["candidate"] = candidate.name
-        else:
-            replicas = [n for n in self.replicas() if n is not leader]
-            if not replicas:
-                raise ServerError(f"no replica to switch over to\n{self.describe()}")
-            body["candidate"] = replicas[0].name
-        status, answer = _http(f"{leader.rest_url}/switchover", "POST", body, timeout=30.0)
-        if status != 200:
-            raise ServerError(f"switchover refused ({status}): {answer}")
-        return leader
+        if candidate is None:
+            candidate = next(n for n in self.nodes if n is not leader)
+        body = {"leader": leader.name, "candidate": candidate.name}
+        deadline = time.monotonic() + timeout
+        while True:
+            status, answer = _http(f"{leader.rest_url}/switchover", "POST", body, timeout=30.0)
+            if status == 200:
+                return leader
+            if time.monotonic() >= deadline:
+                raise ServerError(f"switchover refused ({status}): {answer}\n{self.describe()}")
+            time.sleep(0.2)
 
     def kill_leader_postmaster(self) -> PatroniNode:
         """SIGKILL the leader's postmaster (Patroni restarts it in place); returns the leader."""

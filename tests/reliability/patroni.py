@@ -62,11 +62,15 @@ class PatroniRun:
 
     @property
     def first_write(self) -> float | None:
-        """When the first write on the new leader after the fault ended."""
+        """When the first write on the new leader after the fault ended (for a leader restarted
+        in place: after Patroni reported it down, as backends outlive a killed postmaster)."""
+        since = self.fault_at
+        if self.new is self.old:
+            since = self.timeline.down.get(self.new.name, self.fault_at)
         ends = [
             w.ended
             for w in self.run.writes
-            if w.port == self.new.pg_port and w.started >= self.fault_at
+            if w.port == self.new.pg_port and w.started >= self.fault_at and w.ended >= since
         ]
         return min(ends) if ends else None
 
