@@ -87,7 +87,7 @@ class ProbeSchedule:
     healthy_concurrency: int | None = 4
     """None: no limit (``FaultTolerantNullPool``, where every checkout is a connect)."""
     recovery_concurrency: int = 2
-    hedge_limit: int = 8
+    hedge_limit: int = 24
     """Attempts presumed held that may be in flight beyond the limits above."""
 
     def pause(self, age: float, draw: float) -> float:

@@ -51,9 +51,26 @@ def _check(result: patroni.PatroniRun, per_worker: int = 2) -> dict[str, Any]:
     return summary
 
 
-@pytest.mark.parametrize("route", ["haproxy", "multihost"])
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg_async"])
-@pytest.mark.parametrize("fault", ["switchover", "kill_postmaster", "stop_patroni"])
+#: The two SQLAlchemy runs of the test command go side by side on 2 cores, each with its own
+#: cluster; each run takes half of the matrix, so that together they cover all of it (the pool's
+#: failover code is the same on both versions).
+SA21 = sa.__version__ >= "2.1"
+
+
+def _matrix() -> list[tuple[str, str, str]]:
+    """(fault, route, driver): each fault through each route, the driver alternating, the
+    other half on the other SQLAlchemy version."""
+    faults = ("switchover", "kill_postmaster", "stop_patroni")
+    routes = ("haproxy", "multihost")
+    drivers = ("asyncpg", "psycopg_async")
+    return [
+        (fault, route, drivers[(i + j + SA21) % 2])
+        for i, fault in enumerate(faults)
+        for j, route in enumerate(routes)
+    ]
+
+
+@pytest.mark.parametrize(("fault", "route", "driver"), _matrix())
 async def test_patroni_fault(
     patroni_cluster: PatroniCluster, fault: str, route: patroni.Route, driver: str
 ) -> None:
@@ -65,7 +82,7 @@ async def test_patroni_fault(
     _check(result)
 
 
-@pytest.mark.parametrize("route", ["haproxy", "multihost"])
+@pytest.mark.parametrize("route", ["haproxy"] if SA21 else ["multihost"])
 async def test_patroni_switchover_sync_psycopg_threads(
     patroni_cluster: PatroniCluster, route: patroni.Route
 ) -> None:
@@ -77,7 +94,7 @@ async def test_patroni_switchover_sync_psycopg_threads(
     _check(result)
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", ["asyncpg"] if SA21 else ["psycopg"])
 async def test_patroni_switchover_null_pool_through_haproxy(
     patroni_cluster: PatroniCluster, driver: str
 ) -> None:
@@ -88,6 +105,7 @@ async def test_patroni_switchover_null_pool_through_haproxy(
     _check(result)
 
 
+@pytest.mark.skipif(not SA21, reason="runs once, with SQLAlchemy 2.1 (about 20 s of outage)")
 async def test_patroni_leader_partitioned(patroni_cluster: PatroniCluster) -> None:
     """The leader is cut off from everyone: it loses its key after ``ttl`` (10 s) and the
     replica takes over. The outage is longer than ``retry_deadline``: callers then fail fast
