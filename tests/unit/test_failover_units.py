@@ -18,6 +18,7 @@ from fault_tolerant_pool.connector import RetryingConnector
 from fault_tolerant_pool.demotion import (
     CONNECTED_READ_ONLY,
     DemotionWatch,
+    ReadOnlyRoute,
     demoted,
     is_read_only_signal,
     reported_read_only,
@@ -254,6 +255,48 @@ def test_the_watch_turns_a_demoted_writers_error_into_a_disconnect() -> None:
     demoted_ctx = context_for(error, record, psycopg_like(default_transaction_read_only="on"))
     watch.handle_error(demoted_ctx)
     assert demoted_ctx.is_disconnect is True and seen == [1]
+
+
+@pytest.mark.parametrize("make", [psycopg_like, asyncpg_like])
+def test_the_watch_vets_a_new_connection_to_a_read_only_server_in_a_pool_that_had_a_writer(
+    make: Any,
+) -> None:
+    watch = DemotionWatch(False, lambda: None)
+    standby = make(in_hot_standby="on", default_transaction_read_only="off")
+    watch.vet(standby)  # a pool for a replica: never had a writer, nothing to refuse
+    watch.connected({}, make(in_hot_standby="off", default_transaction_read_only="off"))
+    with pytest.raises(ReadOnlyRoute) as info:
+        watch.vet(standby)
+    assert isinstance(info.value, ConnectionError)  # transient for the retry loop
+    assert classify(info.value).transient
+    watch.vet(make(in_hot_standby="off", default_transaction_read_only="off"))
+    watch.vet(make())  # PostgreSQL 13: says nothing, passes
+
+
+def test_the_connector_retries_a_vetted_connection_and_closes_it() -> None:
+    clock = Clock()
+    closed: list[Any] = []
+    made: list[Any] = []
+
+    class Connection:
+        def close(self) -> None:
+            closed.append(self)
+
+    def creator(record: Any) -> Any:
+        made.append(Connection())
+        return made[-1]
+
+    def vet(connection: Any) -> None:
+        if len(made) < 3:
+            raise ReadOnlyRoute("still the old route")
+
+    connector = RetryingConnector(
+        creator, RetryPolicy(), ConnectCounters(), sleep=clock.sleep, dbapi=lambda: FakeDBAPI,
+        clock=clock, random=lambda: 0.5, vet=vet, discard=lambda c: c.close(),
+    )  # fmt: skip
+    assert connector(None) is made[2]
+    assert closed == made[:2]
+    assert connector.counters.failed_attempts == 2
 
 
 # -- doubt ---------------------------------------------------------------------------------------
