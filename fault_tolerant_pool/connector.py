@@ -19,6 +19,7 @@ from .classify import (
     sqlstate_of,
 )
 from .credentials import AUTH_FAILURE_SQLSTATES, CredentialSource, Secret, offer, withdraw
+from .demotion import ReadOnlyRoute
 from .doubt import Doubt
 from .errors import CredentialsError, exhausted_error, one_line, redact, too_many_waiting
 from .hosts import NOT_WRITABLE, HostRotation, Round
@@ -180,10 +181,11 @@ class RetryingConnector:
                     )  # fmt: skip
                     self._log_attempt(error, verdict, backoff.failures + 1, 0.0, None, hosts)
                     continue
+                # A server that answered but is the wrong kind (a route still leading to a
+                # replica) was reached: no outage for the gate, only this loop's own backoff.
+                reached = not verdict.transient or isinstance(error, ReadOnlyRoute)
                 if gate is not None:
-                    gate.finished(
-                        now, error if verdict.transient else None, backoff.started, admitted
-                    )
+                    gate.finished(now, None if reached else error, backoff.started, admitted)
                 refresh: str | None = None
                 if verdict.transient:
                     delay = backoff.next_delay(now, self.random)
@@ -215,7 +217,7 @@ class RetryingConnector:
                         raise
                     raise failure from error
                 self._log_attempt(error, verdict, backoff.failures, delay, refresh, hosts)
-                if delay > 0 and gate is None:
+                if delay > 0 and (gate is None or reached):
                     self.sleep(delay)  # with a gate, its wait for the next probe is the backoff
             except BaseException:
                 if gate is not None:

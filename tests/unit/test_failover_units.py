@@ -35,6 +35,7 @@ from fault_tolerant_pool.hosts import (
     wants_writer,
 )
 from fault_tolerant_pool.policy import RetryPolicy
+from fault_tolerant_pool.probe import Gate
 from fault_tolerant_pool.stats import ConnectCounters
 from fault_tolerant_pool.watchdog import Watchdog, bounded, cut
 
@@ -297,6 +298,26 @@ def test_the_connector_retries_a_vetted_connection_and_closes_it() -> None:
     assert connector(None) is made[2]
     assert closed == made[:2]
     assert connector.counters.failed_attempts == 2
+
+
+def test_a_read_only_route_is_no_outage_for_the_gate_only_a_short_backoff() -> None:
+    clock = Clock()
+    made: list[Any] = []
+    gate = Gate(10.0, clock=clock, random=lambda: 0.5)
+
+    def vet(connection: Any) -> None:
+        if len(made) < 2:
+            raise ReadOnlyRoute("still the old route")
+
+    connector = RetryingConnector(
+        lambda record: made.append(object()) or made[-1], RetryPolicy(), ConnectCounters(),
+        sleep=clock.sleep, dbapi=lambda: FakeDBAPI, clock=clock, random=lambda: 0.5, vet=vet,
+        gate=gate,
+    )  # fmt: skip
+    started = clock.now
+    connector(None)
+    assert gate.state == "healthy" and gate.outage_attempts == 0  # the server answered
+    assert 0 < clock.now - started <= RetryPolicy().initial_delay  # this loop's own backoff
 
 
 # -- doubt ---------------------------------------------------------------------------------------
