@@ -7,6 +7,7 @@
     python -m demo restart-db --down-for 3       # from a second terminal
     python -m demo failover-db --gap 1           # writer read-only, standby promoted 1 s later
     python -m demo rebuild-standby               # after a failover: a new standby, same port
+    python -m demo --patroni            # on a throwaway Patroni cluster (etcd, 2 nodes, HAProxy)
 
 Ctrl-C stops the server and everything it started.
 """
@@ -50,9 +51,15 @@ def main(argv: list[str] | None = None) -> int:
             pool=args.pool,
             retry_deadline=args.retry_deadline,
             standby=args.standby,
+            patroni=args.patroni,
+            patroni_route=args.patroni_route,
         )
     except SettingsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    if settings.patroni and settings.database_url is not None:
+        print("demo: --patroni (DEMO_PATRONI) starts a Patroni cluster of its own; "
+              "unset DATABASE_URL to use it", file=sys.stderr)  # fmt: skip
         return 2
     return serve(settings)
 
@@ -80,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-standby", dest="standby", action="store_const", const=False, default=None,
         help="the throwaway PostgreSQL runs without a streaming standby (DEMO_STANDBY=off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--patroni", action="store_const", const=True, default=None,
+        help="run on a throwaway Patroni cluster (etcd, two nodes, HAProxy; Debian's patroni, "
+        "etcd-server and haproxy) instead of the embedded PostgreSQL (DEMO_PATRONI=on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--patroni-route", choices=["haproxy", "multihost"],
+        help="with --patroni: the engine goes through HAProxy's read-write port (haproxy, the "
+        "default) or lists every node (multihost) (DEMO_PATRONI_ROUTE)",
     )  # fmt: skip
     restart = parser.add_argument_group("restart-db")
     restart.add_argument(
@@ -122,9 +139,15 @@ def serve(settings: Settings) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     embedded = None
+    patroni = None
     telemetry = None
     try:
-        if settings.database_url is None:
+        if settings.patroni:
+            patroni = _start_patroni(settings.patroni_route)
+            if patroni is None:
+                return 1
+            settings = settings.replace(database_url=patroni.url("asyncpg"))
+        elif settings.database_url is None:
             embedded = _start_embedded(settings.standby)
             if embedded is None:
                 return 1
@@ -139,7 +162,8 @@ def serve(settings: Settings) -> int:
         app = create_app(
             settings,
             database=embedded,
-            on_ready=lambda: _print_banner(settings, port, embedded),
+            patroni=patroni,
+            on_ready=lambda: _print_banner(settings, port, embedded, patroni),
         )
         config = uvicorn.Config(
             app,
@@ -158,6 +182,11 @@ def serve(settings: Settings) -> int:
             telemetry.shutdown()
         if embedded is not None:
             embedded.destroy()
+        if patroni is not None:
+            patroni.destroy()
+    if patroni is not None:
+        print("demo stopped (Patroni cluster stopped and deleted)", flush=True)
+        return 0
     print("demo stopped" + (" (embedded PostgreSQL deleted)" if embedded is not None else ""),
           flush=True)  # fmt: skip
     return 0
@@ -201,7 +230,52 @@ def _start_embedded(standby: bool) -> Any:
     return database
 
 
-def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
+def _start_patroni(route: str) -> Any:
+    from fault_tolerant_pool.testing import ServerUnavailable
+
+    from .patroni import PatroniDemo
+
+    print("starting a throwaway Patroni cluster (etcd, two Patroni nodes, HAProxy; about 10 s) ...",
+          flush=True)  # fmt: skip
+    try:
+        cluster = PatroniDemo(route="multihost" if route == "multihost" else "haproxy")
+    except ServerUnavailable as exc:
+        print(
+            f"demo: {exc}\nbash scripts/demo.sh --patroni installs them on Debian (as root).",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.destroy()
+        raise
+    return cluster
+
+
+def _patroni_lines(patroni: Any) -> list[str]:
+    cluster = patroni.cluster
+    nodes = ", ".join(
+        f"{node.name} on 127.0.0.1:{node.pg_port}"
+        + (" (leader)" if node.name == patroni.leader else "")
+        for node in cluster.nodes
+    )
+    if patroni.route == "multihost":
+        route = (
+            "a multi-host URL over the nodes' ports ("
+            + ", ".join(f"127.0.0.1:{node.port}" for node in cluster.nodes)
+            + "), target_session_attrs=read-write"
+        )
+    else:
+        route = f"HAProxy's read-write port 127.0.0.1:{cluster.haproxy_port} (routes to the leader)"
+    return [
+        f"  database   throwaway Patroni cluster (data in {cluster.workdir}, deleted on exit)",
+        f"  nodes      {nodes}",
+        f"  engine     through {route}",
+    ]
+
+
+def _print_banner(settings: Settings, port: int, embedded: Any, patroni: Any = None) -> None:
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     url = settings.url
@@ -223,7 +297,7 @@ def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
     lines = [
         "",
         "fault_tolerant_pool demo",
-        f"  database   {database}",
+        *(_patroni_lines(patroni) if patroni is not None else [f"  database   {database}"]),
         f"  pool       {pool} ({url.get_driver_name()}, "
         f"retry_deadline={settings.retry_deadline:g}s)",
         f"  page       {base}/",
@@ -238,6 +312,8 @@ def _print_banner(settings: Settings, port: int, embedded: Any) -> None:
         if embedded.standby is not None:
             failover = "python -m demo failover-db" + (f" --url {base}" if port != 8000 else "")
             lines.append(f"  failover   {failover}   (or the button on the page)")
+    if patroni is not None:
+        lines.append("  faults     the page's buttons: Switch over, Kill the leader's postmaster")
     lines += ["Ctrl-C stops everything.", ""]
     print("\n".join(lines), flush=True)
 

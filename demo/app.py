@@ -31,6 +31,7 @@ from fault_tolerant_pool import (
 
 from . import db
 from .embedded import EmbeddedDatabase
+from .patroni import LEADER_INTERVAL, PatroniDemo
 from .settings import Settings
 from .telemetry import PoolCollector, RequestCounters, RequestObserver, db_span, render_metrics
 
@@ -58,9 +59,19 @@ class NoteIn(BaseModel):
 class DemoState:
     """Everything one app instance holds: the engine, counters, the history the page draws."""
 
-    def __init__(self, settings: Settings, database: EmbeddedDatabase | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        database: EmbeddedDatabase | None,
+        patroni: PatroniDemo | None = None,
+    ) -> None:
         self.settings = settings
         self.database = database
+        self.patroni = patroni
+        #: With ``patroni``: the writes each node took (by name, from ``inet_server_port()``),
+        #: and the last one's node, port and time.
+        self.writes_by_node: dict[str, int] = {}
+        self.last_write: dict[str, Any] | None = None
         self.engine: AsyncEngine | None = None
         self.requests = RequestCounters()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LENGTH)
@@ -83,7 +94,44 @@ class DemoState:
 
     @property
     def db_state(self) -> str:
+        if self.patroni is not None:
+            return self.patroni.state
         return self.database.state if self.database is not None else "external"
+
+    def count_write(self, note: dict[str, Any]) -> None:
+        """On the Patroni cluster: which node took a write (its server port names it)."""
+        assert self.patroni is not None
+        port = note.get("server_port")
+        name = self.patroni.node_name(port) or f"port {port}"
+        note["server_node"] = name
+        self.writes_by_node[name] = self.writes_by_node.get(name, 0) + 1
+        self.last_write = {"node": name, "port": port, "at": round(time.time(), 3)}
+
+    async def poll_patroni_forever(self) -> None:
+        """Ask Patroni which node leads, about once a second, in a thread (HTTP calls)."""
+        assert self.patroni is not None
+        while True:
+            try:
+                await asyncio.to_thread(self.patroni.refresh)
+            except Exception:  # the page shows the last answer; the next poll tries again
+                log.debug("polling Patroni failed", exc_info=True)
+            await asyncio.sleep(LEADER_INTERVAL)
+
+    def patroni_health(self) -> dict[str, Any]:
+        assert self.patroni is not None
+        cluster = self.patroni
+        return {
+            "route": cluster.route,
+            "leader": cluster.leader,
+            "leader_checked_at": None if cluster.leader_checked_at is None
+            else round(cluster.leader_checked_at, 3),
+            "busy": cluster.busy,
+            "activity": cluster.activity,
+            "nodes": cluster.nodes(self.writes_by_node),
+            "writes": dict(self.writes_by_node),
+            "last_write": self.last_write,
+            "actions": [action.as_dict() for action in cluster.actions],
+        }  # fmt: skip
 
     def sample(self) -> dict[str, Any]:
         stats = self.stats()
@@ -169,10 +217,12 @@ class DemoState:
             status = "degraded"
         database: dict[str, Any] = {
             "driver": self.driver,
-            "embedded": self.database is not None,
+            "embedded": self.database is not None or self.patroni is not None,
             "state": self.db_state,
             "can_restart": self.database is not None,
         }
+        if self.patroni is not None:
+            database["patroni"] = self.patroni_health()
         if self.database is not None:
             embedded = self.database
             database["restarts"] = [
@@ -338,28 +388,40 @@ def create_app(
     settings: Settings,
     *,
     database: EmbeddedDatabase | None = None,
+    patroni: PatroniDemo | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The demo app on ``settings.database_url``.
 
     ``database``: the embedded server behind that URL, if the demo started it; only then is the
-    restart endpoint there. ``on_ready`` runs once the schema exists (the CLI prints its URLs).
+    restart endpoint there. ``patroni``: the Patroni cluster behind that URL (``--patroni``);
+    only then are the switchover and kill-leader endpoints there. ``on_ready`` runs once the
+    schema exists (the CLI prints its URLs).
     """
-    state = DemoState(settings, database)
+    if database is not None and patroni is not None:
+        raise ValueError("the demo runs on an embedded database or a Patroni cluster, not both")
+    state = DemoState(settings, database, patroni)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine = db.make_engine(settings)
         sampler = asyncio.create_task(state.sample_forever())
+        leader_poll = (
+            asyncio.create_task(state.poll_patroni_forever()) if patroni is not None else None
+        )
         try:
             await db.create_schema(state.engine, settings.startup_timeout)
             if on_ready is not None:
                 on_ready()
             yield
         finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            for task in (sampler, leader_poll):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if patroni is not None:
+                patroni.stop_actions()  # a restore under way gives up within seconds
             if state.database_task is not None:
                 with contextlib.suppress(Exception):
                     await state.database_task
@@ -427,7 +489,10 @@ def create_app(
     async def add_note(note: NoteIn) -> dict[str, Any]:
         """Write a row; its id comes back."""
         with db_span("INSERT", "demo_notes", server):
-            return await db.add_note(engine(), note.text)
+            written = await db.add_note(engine(), note.text)
+        if state.patroni is not None:
+            state.count_write(written)
+        return written
 
     @app.get("/notes/")
     async def list_notes(limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
@@ -481,15 +546,39 @@ def create_app(
         with db_span("SELECT", None, server):
             return {"held": await db.hold_connection(engine(), seconds)}
 
-    if database is not None:
+    def admit(request: Request, action: str) -> None:
+        """Refuse an action without its header (no cross-site form can send one) or from
+        another machine."""
+        if request.headers.get(ADMIN_HEADER) != action:
+            raise HTTPException(403, f"send the header {ADMIN_HEADER}: {action}")
+        if not _is_loopback(request.client.host if request.client else None):
+            raise HTTPException(403, "only from this machine")
 
-        def admit(request: Request, action: str) -> None:
-            """Refuse an action without its header (no cross-site form can send one) or from
-            another machine."""
-            if request.headers.get(ADMIN_HEADER) != action:
-                raise HTTPException(403, f"send the header {ADMIN_HEADER}: {action}")
-            if not _is_loopback(request.client.host if request.client else None):
-                raise HTTPException(403, "only from this machine")
+    if patroni is not None:
+
+        def begin(request: Request, action: str) -> dict[str, Any]:
+            admit(request, action)
+            refused = patroni.begin()
+            if refused is not None:
+                raise HTTPException(409, refused)
+            return {"action": len(patroni.actions) + 1, "kind": action, "leader": patroni.leader}
+
+        @app.post("/_demo/switchover", status_code=202)
+        async def switchover(request: Request) -> dict[str, Any]:
+            """Patroni's planned switchover: the leader hands over to the replica, then the old
+            leader rejoins as a replica (the restore step)."""
+            answer = begin(request, "switchover")
+            state.database_task = asyncio.create_task(asyncio.to_thread(patroni.switchover))
+            return answer
+
+        @app.post("/_demo/kill-leader", status_code=202)
+        async def kill_leader(request: Request) -> dict[str, Any]:
+            """SIGKILL the leader's postmaster; Patroni starts it again in place."""
+            answer = begin(request, "kill-leader")
+            state.database_task = asyncio.create_task(asyncio.to_thread(patroni.kill_leader))
+            return answer
+
+    if database is not None:
 
         @app.post("/_demo/restart-db", status_code=202)
         async def restart_db(

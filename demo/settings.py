@@ -11,6 +11,7 @@ from typing import Any, Literal
 from sqlalchemy.engine import URL, make_url
 
 PoolKind = Literal["queue", "null"]
+PatroniRoute = Literal["haproxy", "multihost"]
 
 #: Every environment variable the demo reads; the compose file may set no other for the demo.
 ENVIRONMENT_VARIABLES: dict[str, str] = {
@@ -27,6 +28,10 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "(default 60)",
     "DEMO_STANDBY": "on (default) or off: whether the throwaway PostgreSQL gets a streaming "
     "standby, for the page's fail-over button (ignored with DATABASE_URL)",
+    "DEMO_PATRONI": "off (default) or on: run on a throwaway Patroni cluster (etcd, two nodes, "
+    "HAProxy) instead of the embedded PostgreSQL and standby (not with DATABASE_URL)",
+    "DEMO_PATRONI_ROUTE": "haproxy (default: HAProxy's read-write port) or multihost (a multi-host "
+    "URL over the nodes, target_session_attrs=read-write): how the engine reaches the cluster",
     "DEMO_LEAK_THRESHOLD": "leak_threshold of the pool: seconds a checkout may last before it is "
     "reported as a leak (default 10)",
     "DEMO_SHUTDOWN_TIMEOUT": "on Ctrl-C or SIGTERM, seconds in-flight requests and checked-out "
@@ -95,6 +100,10 @@ class Settings:
     startup_timeout: float = 60.0
     standby: bool = True
     """The embedded database gets a streaming hot standby (the page's fail-over button)."""
+    patroni: bool = False
+    """Run on a throwaway Patroni cluster instead of the embedded PostgreSQL (``--patroni``)."""
+    patroni_route: PatroniRoute = "haproxy"
+    """How the engine reaches the Patroni cluster: HAProxy's read-write port or a multi-host URL."""
     leak_threshold: float = 10.0
     shutdown_timeout: float = 10.0
     service_name: str = "fault-tolerant-pool-demo"
@@ -103,6 +112,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.pool not in ("queue", "null"):
             raise SettingsError(f"DEMO_POOL must be 'queue' or 'null', got {self.pool!r}")
+        if self.patroni_route not in ("haproxy", "multihost"):
+            raise SettingsError(
+                f"DEMO_PATRONI_ROUTE must be 'haproxy' or 'multihost', got {self.patroni_route!r}"
+            )
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"DEMO_PORT must be a TCP port, got {self.port}")
         for name, value, low in (
@@ -138,6 +151,8 @@ class Settings:
             ("connect_timeout", "DEMO_CONNECT_TIMEOUT", float),
             ("startup_timeout", "DEMO_STARTUP_TIMEOUT", float),
             ("standby", "DEMO_STANDBY", _switch),
+            ("patroni", "DEMO_PATRONI", _switch),
+            ("patroni_route", "DEMO_PATRONI_ROUTE", lambda v: v.strip().lower()),
             ("leak_threshold", "DEMO_LEAK_THRESHOLD", float),
             ("shutdown_timeout", "DEMO_SHUTDOWN_TIMEOUT", float),
             ("service_name", "OTEL_SERVICE_NAME", str),
