@@ -490,7 +490,8 @@ class PatroniCluster:
     Ways in: :meth:`haproxy_url` (HAProxy's read-write port, routed by ``GET /primary``; or its
     read-only port, by ``GET /replica``) and :meth:`multi_host_url` (every node, with
     ``target_session_attrs``). Faults: :meth:`switchover`, :meth:`kill_leader_postmaster`,
-    :meth:`stop_leader`, :meth:`crash_leader`, :meth:`partition_leader`; :meth:`restore` brings
+    :meth:`stop_leader`, :meth:`crash_leader`, :meth:`fence_leader`, :meth:`partition_leader`;
+    :meth:`restore` brings
     every node back and waits for a healthy cluster (a leader, every other node a streaming
     replica, HAProxy routing to the leader). :meth:`watch` records when Patroni reports a new
     leader and when HAProxy routes to it.
@@ -809,6 +810,14 @@ class PatroniCluster:
         when the leader key expires (``ttl``)."""
         leader = self._current_leader()
         leader.crash()
+        return leader
+
+    def fence_leader(self) -> PatroniNode:
+        """Cut the leader off from etcd alone: still reachable by clients, it demotes itself
+        (restarts read-only) once it cannot renew its key within ``retry_timeout``, and the
+        replica takes over when the key expires (``ttl``)."""
+        leader = self._current_leader()
+        leader.dcs_proxy.blackhole()
         return leader
 
     def partition_leader(self) -> PatroniNode:

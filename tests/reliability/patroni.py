@@ -26,7 +26,7 @@ from . import failover
 from .failover import TABLE, WRITE, Run, Write
 
 Route = Literal["haproxy", "multihost"]
-Fault = Literal["switchover", "kill_postmaster", "stop_patroni", "crash", "partition"]
+Fault = Literal["switchover", "kill_postmaster", "stop_patroni", "crash", "fence", "partition"]
 
 #: fault -> (what it does to the leader, whether the leader node changes)
 FAULTS: dict[str, tuple[Callable[[PatroniCluster], PatroniNode], bool]] = {
@@ -34,6 +34,7 @@ FAULTS: dict[str, tuple[Callable[[PatroniCluster], PatroniNode], bool]] = {
     "kill_postmaster": (PatroniCluster.kill_leader_postmaster, False),
     "stop_patroni": (PatroniCluster.stop_leader, True),
     "crash": (PatroniCluster.crash_leader, True),
+    "fence": (PatroniCluster.fence_leader, True),
     "partition": (PatroniCluster.partition_leader, True),
 }
 
