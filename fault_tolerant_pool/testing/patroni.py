@@ -491,9 +491,8 @@ class PatroniCluster:
     read-only port, by ``GET /replica``) and :meth:`multi_host_url` (every node, with
     ``target_session_attrs``). Faults: :meth:`switchover`, :meth:`kill_leader_postmaster`,
     :meth:`stop_leader`, :meth:`crash_leader`, :meth:`fence_leader`, :meth:`partition_leader`;
-    :meth:`restore` brings
-    every node back and waits for a healthy cluster (a leader, every other node a streaming
-    replica, HAProxy routing to the leader). :meth:`watch` records when Patroni reports a new
+    :meth:`restore` brings every node back and waits for a healthy cluster (a leader, every other
+    node a streaming replica, HAProxy routing to the leader). :meth:`watch` records when Patroni reports a new
     leader and when HAProxy routes to it.
     """
 
