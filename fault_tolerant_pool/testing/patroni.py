@@ -254,7 +254,12 @@ class PatroniNode:
                 "listen": f"{host}:{self.rest_port}",
                 "connect_address": f"{host}:{self.rest_proxy.port}",
             },
-            "etcd3": {"hosts": [f"{host}:{self.dcs_proxy.port}"], "protocol": "http"},
+            # use_proxies: no discovery of etcd's own address, which would bypass the proxy
+            "etcd3": {
+                "hosts": [f"{host}:{self.dcs_proxy.port}"],
+                "protocol": "http",
+                "use_proxies": True,
+            },
             "bootstrap": {
                 "dcs": {
                     "ttl": timing.ttl,
@@ -492,8 +497,8 @@ class PatroniCluster:
     ``target_session_attrs``). Faults: :meth:`switchover`, :meth:`kill_leader_postmaster`,
     :meth:`stop_leader`, :meth:`crash_leader`, :meth:`fence_leader`, :meth:`partition_leader`;
     :meth:`restore` brings every node back and waits for a healthy cluster (a leader, every other
-    node a streaming replica, HAProxy routing to the leader). :meth:`watch` records when Patroni reports a new
-    leader and when HAProxy routes to it.
+    node a streaming replica, HAProxy routing to the leader). :meth:`watch` records when Patroni
+    reports a new leader and when HAProxy routes to it.
     """
 
     host = "127.0.0.1"
