@@ -15,6 +15,7 @@ first write on the new leader, and the lag between them (the pool's share of the
     .venv/bin/python bench/patroni.py                       # everything (about 6 minutes)
     .venv/bin/python bench/patroni.py --faults switchover --routes haproxy --repeat 3
     .venv/bin/python bench/patroni.py --png docs/patroni.png --json /tmp/patroni.json
+    .venv/bin/python bench/patroni.py --faults crash,fence,partition   # the ttl-long outages
 """
 
 from __future__ import annotations
