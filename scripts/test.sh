@@ -95,21 +95,31 @@ echo "== package: sdist and wheel, twine check, the wheel in a fresh venv"
 # The two runs go side by side: the suite mostly waits (on servers starting, outages, timeouts),
 # so on 2 cores both together take little longer than one (measured: docs/development.md).
 # FTP_SERIAL=1 runs them one after the other.
+# The Patroni tests (marker "patroni": a whole HA cluster and 20 writers each) run afterwards, one
+# version at a time: beside the other run they starved its timing bars.
+patroni_tests() {  # $1 = venv; no test selected (exit 5) is fine
+  local rc=0
+  "$1/bin/python" -m pytest -m patroni "${@:2}" || rc=$?
+  [ "$rc" = 0 ] || [ "$rc" = 5 ]
+}
 if [ "${FTP_SERIAL:-}" = 1 ]; then
   echo "== pytest, SQLAlchemy 2.1"
-  .venv/bin/python -m pytest "$@"
+  .venv/bin/python -m pytest -m "not patroni" "$@"
   echo "== pytest, SQLAlchemy 2.0"
-  .venv-sa20/bin/python -m pytest "$@"
+  .venv-sa20/bin/python -m pytest -m "not patroni" "$@"
+  echo "== pytest, the Patroni tests, SQLAlchemy 2.1 then 2.0"
+  patroni_tests .venv "$@"
+  patroni_tests .venv-sa20 "$@"
   exit 0
 fi
 echo "== pytest, SQLAlchemy 2.1 and 2.0 side by side (2.0's output follows 2.1's)"
 log20=$(mktemp)
 started=$SECONDS
-.venv-sa20/bin/python -m pytest "$@" >"$log20" 2>&1 &
+.venv-sa20/bin/python -m pytest -m "not patroni" "$@" >"$log20" 2>&1 &
 pid20=$!
 trap 'kill "$pid20" 2>/dev/null || true' EXIT INT TERM
 rc21=0
-.venv/bin/python -m pytest "$@" || rc21=$?
+.venv/bin/python -m pytest -m "not patroni" "$@" || rc21=$?
 rc20=0
 wait "$pid20" || rc20=$?
 trap - EXIT INT TERM
@@ -117,4 +127,11 @@ echo "== pytest, SQLAlchemy 2.0 (ran beside 2.1)"
 cat "$log20"
 rm -f "$log20"
 echo "== both runs: $((SECONDS - started)) s; SQLAlchemy 2.1 exit $rc21, 2.0 exit $rc20"
-[ "$rc21" = 0 ] && [ "$rc20" = 0 ]
+echo "== pytest, the Patroni tests, SQLAlchemy 2.1 then 2.0"
+started=$SECONDS
+rcp21=0
+patroni_tests .venv "$@" || rcp21=$?
+rcp20=0
+patroni_tests .venv-sa20 "$@" || rcp20=$?
+echo "== Patroni runs: $((SECONDS - started)) s; SQLAlchemy 2.1 exit $rcp21, 2.0 exit $rcp20"
+[ "$rc21" = 0 ] && [ "$rc20" = 0 ] && [ "$rcp21" = 0 ] && [ "$rcp20" = 0 ]

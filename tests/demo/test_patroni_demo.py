@@ -26,7 +26,7 @@ from _fault_tolerant_pool_pytest import _require
 from demo import Settings, create_app
 from demo.patroni import PatroniDemo
 
-pytestmark = [pytest.mark.anyio, pytest.mark.db]
+pytestmark = [pytest.mark.anyio, pytest.mark.db, pytest.mark.patroni]
 
 WORKERS = 4
 SWITCHOVER = {"x-demo-action": "switchover"}

@@ -27,7 +27,7 @@ from fault_tolerant_pool.testing.patroni import PatroniCluster
 
 from . import failover, patroni
 
-pytestmark = [pytest.mark.anyio, pytest.mark.db]
+pytestmark = [pytest.mark.anyio, pytest.mark.db, pytest.mark.patroni]
 
 WORKERS = 20
 #: The bar is 1 s (bench/patroni.py prints the figures); a shared 2-core CI machine gets margin.
@@ -176,8 +176,9 @@ async def test_an_attempt_held_by_a_proxy_does_not_hold_the_pool(
     assert run.failed_statements_per_worker() <= 1, summary  # in flight at the cut
     first = run.first_on(pg_server.port, run.marks["routed"])
     assert first is not None, summary
-    # held attempts would have kept the pool waiting until their 5 s time limit (3.5 s more)
-    assert first - run.marks["routed"] < 1.0, summary
+    # held attempts would have kept the pool waiting until their 5 s time limit (3.5 s more);
+    # measured 0.1-0.3 s on a quiet machine, 1.3 s once in CI beside the other run's load
+    assert first - run.marks["routed"] < 2.0, summary
     assert stats.hedged_attempts > 0, summary
 
 
