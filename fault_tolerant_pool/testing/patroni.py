@@ -706,13 +706,21 @@ class PatroniCluster:
         return up
 
     def healthy(self) -> bool:
-        """A leader, every other node a running replica, HAProxy routing writes to the leader
-        alone and reads to every replica."""
+        """A leader, every other node a replica streaming from it, HAProxy routing writes to
+        the leader alone and reads to every replica."""
         leader = self.leader()
         if leader is None:
             return False
         replicas = self.replicas()
         if len(replicas) != len(self.nodes) - 1:
+            return False
+        # a replica is one only once it streams from the leader (GET /replica passes before)
+        streaming = {
+            entry.get("application_name")
+            for entry in leader.status().get("replication") or ()
+            if isinstance(entry, dict) and entry.get("state") == "streaming"
+        }
+        if any(node.name not in streaming for node in replicas):
             return False
         try:
             return self.haproxy_up("primary") == [leader.name] and sorted(

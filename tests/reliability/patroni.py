@@ -104,11 +104,23 @@ class PatroniRun:
         }
 
 
-def prepare(cluster: PatroniCluster) -> None:
-    cluster.execute(
+def prepare(cluster: PatroniCluster, timeout: float = 30.0) -> None:
+    """The table every write goes to, on the leader, and seen on every replica (so the leader a
+    fault makes has it)."""
+    leader = cluster.wait_healthy()
+    leader.psql(
         f"CREATE TABLE IF NOT EXISTS {TABLE} (id bigserial PRIMARY KEY, port int, "
         "at timestamptz DEFAULT clock_timestamp())"
     )
+    deadline = time.monotonic() + timeout
+    for node in cluster.nodes:
+        while node is not leader:
+            rows = node.psql(f"SELECT to_regclass('{TABLE}') IS NOT NULL")
+            if rows and rows[0][0] == "t":
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{TABLE} not replicated to {node.name}: {cluster.describe()}")
+            time.sleep(0.1)
 
 
 def url_for(cluster: PatroniCluster, route: Route, driver: str) -> str:
