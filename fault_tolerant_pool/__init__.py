@@ -23,6 +23,13 @@ from .pool import (
 )
 from .shutdown import PoolClosed, ShutdownReport, drain, shutdown
 from .stats import LastError, PoolStats
+from .transaction import (
+    TransactionOutcomeUnknown,
+    TransactionRunner,
+    run_transaction,
+    run_transaction_async,
+    transactional,
+)
 
 __all__ = [
     "ConnectRetriesExhausted",
@@ -41,8 +48,13 @@ __all__ = [
     "RetryPolicy",
     "ShutdownReport",
     "TooManyWaiting",
+    "TransactionOutcomeUnknown",
+    "TransactionRunner",
     "Verdict",
     "classify",
     "drain",
+    "run_transaction",
+    "run_transaction_async",
     "shutdown",
+    "transactional",
 ]

@@ -102,6 +102,12 @@ class PoolStats:
     oldest_checkout_age: float | None = None
     """Seconds the oldest connection now checked out has been out (0.0: none is); None when
     ``leak_threshold`` is off (the pool then keeps no record of its checkouts)."""
+    transaction_retries: int = 0
+    """Units of work the transaction runner ran again on a connection of this pool (see
+    docs/transactions.md)."""
+    outcomes_unknown: int = 0
+    """Units of work whose COMMIT was cut in flight: the runner raised
+    ``TransactionOutcomeUnknown`` (or, for an idempotent one, ran it again)."""
 
 
 class CounterListener(Protocol):
@@ -129,8 +135,10 @@ class ConnectCounters:
         "last_error",
         "leaks",
         "listener",
+        "outcomes_unknown",
         "ping_timeouts",
         "retired",
+        "transaction_retries",
     )
 
     def __init__(self) -> None:
@@ -149,6 +157,8 @@ class ConnectCounters:
         self.listener: CounterListener | None = None
         self.demotions = 0
         self.ping_timeouts = 0
+        self.transaction_retries = 0
+        self.outcomes_unknown = 0
 
     def attempt_failed(self, error_class: str, sqlstate: str | None) -> None:
         with self._lock:
@@ -182,6 +192,14 @@ class ConnectCounters:
     def ping_timed_out(self) -> None:
         with self._lock:
             self.ping_timeouts += 1
+
+    def transaction_retried(self) -> None:
+        with self._lock:
+            self.transaction_retries += 1
+
+    def outcome_unknown(self) -> None:
+        with self._lock:
+            self.outcomes_unknown += 1
 
     def retire(self, reason: Retirement) -> None:
         with self._lock:
@@ -227,6 +245,8 @@ class ConnectCounters:
             leaks_reclaimed=self.leaks["reclaimed"],
             leaks_at_shutdown=self.leaks["shutdown"],
             oldest_checkout_age=oldest_checkout_age,
+            transaction_retries=self.transaction_retries,
+            outcomes_unknown=self.outcomes_unknown,
         )
         if gate is None:
             return stats

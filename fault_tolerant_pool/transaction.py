@@ -1,0 +1,529 @@
+"""The transaction runner: a unit of work the application declares re-runnable, run again safely.
+
+The pool never replays a statement on its own: it retries only before a connection is handed
+out. What still reaches the application after that are the statements in flight when the server
+went away (a restart, a crash, a terminated session, a demoted writer). The application can say
+"this function is one unit of work in one transaction; it may run again"; the runner then begins
+a transaction, calls the function, commits, and re-runs the *whole* function on a fresh
+connection when the failure is one that leaves nothing behind:
+
+- a connection-class failure (a disconnect, SQLSTATE class ``08``, ``57P01``/``57P02``/``57P03``,
+  a demoted writer's ``25006``, a ping cut by ``ping_timeout``) raised *before* COMMIT was sent:
+  the server rolls back a transaction whose session ends;
+- a serialization failure or a deadlock (``40001``, ``40P01``), in any phase: the server
+  answered, and it rolled the transaction back.
+
+A connection-class failure while COMMIT was in flight has an unknown outcome: the server may have
+committed before the connection broke. That is never re-run (unless the function is declared
+``idempotent``): it raises :class:`TransactionOutcomeUnknown`. Anything else (the application's
+own exceptions, constraint violations, syntax errors, a connect the pool itself gave up on) is
+raised at once, unchanged, after a single call.
+
+The decision is :func:`decide`, a pure function of the error and the phase; the backoff is the
+pool's (:class:`~fault_tolerant_pool.policy.Backoff`, full jitter); both are unit-tested without
+a database and without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import random as _random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
+
+from opentelemetry import trace
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from .classify import Classifier, classify, innermost_class, sqlstate_of
+from .errors import ConnectRetriesExhausted, one_line, redact
+from .policy import Backoff, RetryPolicy, _attempts, _number
+from .shutdown import PoolClosed
+
+logger = logging.getLogger("fault_tolerant_pool.transaction")
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+#: Defaults (see docs/transactions.md). Five runs cover a fault per run in a bad minute; the
+#: deadline bounds the re-runs, not a run in progress (a statement is never cut by the runner).
+DEFAULT_ATTEMPTS: int | None = 5
+DEFAULT_DEADLINE = 30.0
+DEFAULT_INITIAL_DELAY = 0.05
+DEFAULT_MAX_DELAY = 1.0
+
+#: SQLSTATEs after which the whole unit of work runs again, in any phase (COMMIT included): the
+#: server answered, and it rolled the transaction back.
+CONFLICT_SQLSTATES: dict[str, str] = {
+    "40001": "serialization_failure",
+    "40P01": "deadlock_detected",
+}
+
+#: SQLSTATEs that mean the connection (or its server's role) is gone, besides class ``08``: the
+#: transaction was rolled back if they arrive before COMMIT was sent.
+CONNECTION_SQLSTATES: dict[str, str] = {
+    "57P01": "admin_shutdown",
+    "57P02": "crash_shutdown",
+    "57P03": "cannot_connect_now",
+    "25006": "read_only_sql_transaction",  # a demoted writer: the write was refused
+}
+
+#: Errors the pool raises after its own retries (its deadline, fail-fast, ``max_waiting``, a
+#: shut-down pool, an exhausted ``pool_timeout``): its verdict stands, the runner does not
+#: stretch an outage past the pool's ``retry_deadline``.
+POOL_VERDICTS: tuple[type[BaseException], ...] = (
+    ConnectRetriesExhausted,
+    PoolTimeoutError,
+    PoolClosed,
+)
+
+#: Where a run was when it failed.
+Phase = Literal["checkout", "work", "commit"]
+
+Action = Literal["retry", "unknown", "raise"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the runner does after a failed run, and why (a SQLSTATE or a class name)."""
+
+    action: Action
+    reason: str
+
+
+class TransactionOutcomeUnknown(OperationalError):
+    """The connection failed while COMMIT was in flight: the transaction may or may not have
+    been committed, and the runner did not run it again (the function is not ``idempotent``).
+
+    A subclass of ``sqlalchemy.exc.OperationalError``; ``orig`` is the driver's error, as on the
+    error it replaces (``__cause__``). ``attempts`` counts the runs, this one included.
+    """
+
+    attempts: int
+
+    def __init__(self, error: DBAPIError, attempts: int) -> None:
+        super().__init__(
+            error.statement,
+            error.params,
+            error.orig,  # type: ignore[arg-type]
+            hide_parameters=error.hide_parameters,
+            connection_invalidated=True,
+            code=None,
+        )
+        self.attempts = attempts
+        detail = one_line(redact(str(error.orig))) or type(error.orig).__name__
+        self._detail = (
+            f"transaction outcome unknown: the connection failed while COMMIT was in flight "
+            f"(run {attempts}); it may or may not have been committed, and it was not run "
+            f"again (pass idempotent=True if running it twice is harmless). "
+            f"{type(error.orig).__name__}: {detail}"
+        )
+
+    def __str__(self) -> str:
+        return self._detail
+
+    def __reduce__(self) -> Any:  # pickled as a plain OperationalError (keeps the message)
+        return (OperationalError, (self._detail, None, self.orig))
+
+
+def _is_conflict(code: str | None) -> bool:
+    return code in CONFLICT_SQLSTATES
+
+
+def _is_connection_class(error: BaseException, code: str | None) -> bool:
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    if code is not None:
+        return code[:2] == "08" or code in CONNECTION_SQLSTATES
+    return classify(error).transient
+
+
+def _pool_verdict(error: BaseException) -> bool:
+    if isinstance(error, POOL_VERDICTS):
+        return True
+    return isinstance(getattr(error, "orig", None), POOL_VERDICTS)
+
+
+def decide(
+    error: BaseException,
+    phase: Phase,
+    *,
+    idempotent: bool = False,
+    classifier: Classifier | None = None,
+) -> Decision:
+    """Whether a failed run may run again: ``retry``, ``unknown`` (COMMIT in flight, not
+    idempotent) or ``raise``. Only errors SQLAlchemy raised for the database are considered
+    (``DBAPIError``), and, before a connection was handed out, the driver's own connect errors.
+
+    ``classifier`` is asked first: True (may re-run, subject to the COMMIT rule), False (raise)
+    or None (the built-in rules).
+    """
+    code = sqlstate_of(error)
+    reason = code or innermost_class(error)
+    if _pool_verdict(error):
+        return Decision("raise", reason)
+    raw_connect_error = phase == "checkout" and isinstance(error, OSError)
+    if not isinstance(error, DBAPIError) and not raw_connect_error:
+        return Decision("raise", reason)
+    verdict = None if classifier is None else classifier(error)
+    if verdict is False:
+        return Decision("raise", reason)
+    if _is_conflict(code):
+        return Decision("retry", reason)
+    if verdict is None and not _is_connection_class(error, code):
+        return Decision("raise", reason)
+    if phase == "commit" and not idempotent:
+        return Decision("unknown", reason)
+    return Decision("retry", reason)
+
+
+class _Run:
+    """One run's progress: its phase, and where its connection came from (for the counters)."""
+
+    __slots__ = ("phase", "source")
+
+    def __init__(self) -> None:
+        self.phase: Phase = "checkout"
+        self.source: Any = None
+
+
+def _pool_of(source: Any) -> Any:
+    """The pool behind an engine, a connection or a session (None when unknown)."""
+    try:
+        if isinstance(source, AsyncSession):
+            source = source.sync_session
+        if isinstance(source, Session):
+            source = source.get_bind()
+        if isinstance(source, AsyncEngine | AsyncConnection):
+            source = source.sync_engine
+        if isinstance(source, Connection):
+            source = source.engine
+        return source.pool if isinstance(source, Engine) else None
+    except Exception:  # a session without a bind, a closed one: nothing to count on
+        return None
+
+
+def _counters(source: Any) -> Any:
+    tolerance = getattr(_pool_of(source), "_fault_tolerance", None)
+    return None if tolerance is None else tolerance.counters
+
+
+@dataclass(frozen=True)
+class TransactionRunner:
+    """How units of work are re-run: an immutable, validated configuration (copy it with
+    :meth:`new`). :meth:`run` runs a sync function, :meth:`run_async` a coroutine function.
+
+    ``attempts`` counts the first run (None: the deadline alone bounds the re-runs);
+    ``deadline`` is the time after which no new run starts (a run in progress is never cut);
+    the sleep between runs is a full-jitter draw under a cap doubling from ``initial_delay`` to
+    ``max_delay``.
+    """
+
+    attempts: int | None = DEFAULT_ATTEMPTS
+    deadline: float = DEFAULT_DEADLINE
+    initial_delay: float = DEFAULT_INITIAL_DELAY
+    max_delay: float = DEFAULT_MAX_DELAY
+    idempotent: bool = False
+    """Re-run after a failure while COMMIT was in flight too (running it twice is harmless)."""
+    classifier: Classifier | None = None
+    """Asked first about each failure: True (may re-run), False (raise), None (built-in)."""
+    random: Callable[[], float] = field(default=_random.random, repr=False, compare=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    policy: RetryPolicy = field(init=False, repr=False, compare=False)
+    """The backoff's configuration, derived from the fields above."""
+
+    def __post_init__(self) -> None:
+        attempts = _attempts_argument(self.attempts)
+        deadline = _number("deadline", self.deadline, minimum=0.0, strict=True)
+        initial = _number("initial_delay", self.initial_delay, minimum=0.0, strict=False)
+        maximum = _number("max_delay", self.max_delay, minimum=0.0, strict=False)
+        if maximum < initial:
+            raise ArgumentError(
+                f"max_delay ({self.max_delay!r}) must be at least "
+                f"initial_delay ({self.initial_delay!r})"
+            )
+        if not isinstance(self.idempotent, bool):
+            raise ArgumentError(f"idempotent must be True or False, got {self.idempotent!r}")
+        if self.classifier is not None and not callable(self.classifier):
+            raise ArgumentError(f"classifier must be a callable or None, got {self.classifier!r}")
+        object.__setattr__(self, "attempts", attempts)
+        object.__setattr__(self, "deadline", deadline)
+        object.__setattr__(self, "initial_delay", initial)
+        object.__setattr__(self, "max_delay", maximum)
+        policy = RetryPolicy(attempts, deadline, initial, maximum, attempt_timeout=None)
+        object.__setattr__(self, "policy", policy)
+
+    def new(self, **changes: Any) -> TransactionRunner:
+        """A copy with some settings changed (validated again)."""
+        return replace(self, **changes)
+
+    # -- the loop, sync and async -----------------------------------------------------------------
+
+    def run(self, bind: Engine | sessionmaker[Any], fn: Callable[[Any], _T]) -> _T:
+        """Run ``fn(connection)`` (an :class:`~sqlalchemy.engine.Engine`) or ``fn(session)`` (a
+        :class:`~sqlalchemy.orm.sessionmaker`) in one transaction, committed; run it again on a
+        fresh connection after a failure that leaves nothing behind. Returns what ``fn`` returns.
+        """
+        attempt = _sync_attempt(bind, fn)
+        backoff = Backoff(self.policy, self.clock())
+        while True:
+            run = _Run()
+            try:
+                return attempt(run)
+            except Exception as error:
+                delay = self._after_failure(error, run, backoff)
+            time.sleep(delay)
+
+    async def run_async(
+        self,
+        bind: AsyncEngine | async_sessionmaker[Any],
+        fn: Callable[[Any], Awaitable[_T]],
+    ) -> _T:
+        """:meth:`run` for asyncio: ``await fn(connection)`` on an
+        :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, ``await fn(session)`` on an
+        :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`. Cancellation is never caught: a
+        cancelled run or sleep leaves no connection or session behind."""
+        attempt = _async_attempt(bind, fn)
+        backoff = Backoff(self.policy, self.clock())
+        while True:
+            run = _Run()
+            try:
+                return await attempt(run)
+            except Exception as error:
+                delay = self._after_failure(error, run, backoff)
+            await asyncio.sleep(delay)
+
+    def _after_failure(self, error: Exception, run: _Run, backoff: Backoff) -> float:
+        """The sleep before the next run; raises when there is none."""
+        decision = decide(error, run.phase, idempotent=self.idempotent, classifier=self.classifier)
+        runs = backoff.failures + 1
+        if decision.action == "raise":
+            raise error
+        counters = _counters(run.source)
+        if decision.action == "unknown":
+            if counters is not None:
+                counters.outcome_unknown()
+            _record("db.transaction.outcome_unknown", runs, decision.reason)
+            logger.warning(
+                "unit of work run %d: connection failed while COMMIT was in flight (%s, "
+                "sqlstate=%s): outcome unknown, not run again",
+                runs,
+                innermost_class(error),
+                sqlstate_of(error),
+            )
+            assert isinstance(error, DBAPIError)  # decide() answers "unknown" for no other
+            raise TransactionOutcomeUnknown(error, runs) from error
+        delay = backoff.next_delay(self.clock(), self.random)
+        if delay is None:
+            logger.warning(
+                "unit of work failed %d time(s) in %.2fs (%s, last %s, %s): giving up",
+                backoff.failures,
+                backoff.elapsed(self.clock()),
+                decision.reason,
+                run.phase,
+                "attempts exhausted"
+                if self.attempts is not None and backoff.failures >= self.attempts
+                else "deadline passed",
+            )
+            raise error
+        if counters is not None:
+            counters.transaction_retried()
+        _record("db.transaction.retry", runs, decision.reason)
+        if logger.isEnabledFor(logging.WARNING):
+            logger.warning(
+                "unit of work run %d failed in %s (%s, sqlstate=%s): %s; running it again in %.3fs",
+                runs,
+                run.phase,
+                innermost_class(error),
+                sqlstate_of(error),
+                one_line(redact(str(getattr(error, "orig", None) or error)))[:300],
+                delay,
+            )
+        return delay
+
+
+def _attempts_argument(value: Any) -> int | None:
+    try:
+        return _attempts(value)
+    except ArgumentError:
+        raise ArgumentError(f"attempts must be a positive integer or None, got {value!r}") from None
+
+
+def _record(name: str, runs: int, reason: str) -> None:
+    """An event on the current span (the request's): which run failed and why."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(name, {"db.transaction.attempt": runs, "error.type": reason})
+
+
+# -- one run, for each kind of bind ----------------------------------------------------------------
+
+
+def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
+    if isinstance(bind, Engine):
+
+        def core(run: _Run) -> _T:
+            run.source = bind
+            with bind.connect() as connection:
+                run.phase = "work"
+                transaction = connection.begin()
+                result = fn(connection)
+                run.phase = "commit"
+                transaction.commit()
+            return result
+
+        return core
+    if isinstance(bind, sessionmaker):
+
+        def orm(run: _Run) -> _T:
+            with bind() as session:
+                run.source = session
+                session.begin()
+                session.connection()  # the checkout, now rather than at the first statement
+                run.phase = "work"
+                result = fn(session)
+                session.flush()  # the last INSERTs and UPDATEs, before COMMIT is sent
+                run.phase = "commit"
+                session.commit()
+            return result
+
+        return orm
+    raise _bind_error("run_transaction", "an Engine or a sessionmaker", bind)
+
+
+def _async_attempt(
+    bind: Any, fn: Callable[[Any], Awaitable[_T]]
+) -> Callable[[_Run], Awaitable[_T]]:
+    if isinstance(bind, AsyncEngine):
+
+        async def core(run: _Run) -> _T:
+            run.source = bind
+            async with bind.connect() as connection:
+                run.phase = "work"
+                transaction = await connection.begin()
+                result = await fn(connection)
+                run.phase = "commit"
+                await transaction.commit()
+            return result
+
+        return core
+    if isinstance(bind, async_sessionmaker):
+
+        async def orm(run: _Run) -> _T:
+            async with bind() as session:
+                run.source = session
+                await session.begin()
+                await session.connection()
+                run.phase = "work"
+                result = await fn(session)
+                await session.flush()
+                run.phase = "commit"
+                await session.commit()
+            return result
+
+        return orm
+    raise _bind_error("run_transaction_async", "an AsyncEngine or an async_sessionmaker", bind)
+
+
+def _bind_error(where: str, wanted: str, bind: Any) -> ArgumentError:
+    hint = ""
+    if isinstance(bind, AsyncEngine | async_sessionmaker):
+        hint = " (an async bind: use run_transaction_async)"
+    elif isinstance(bind, Engine | sessionmaker):
+        hint = " (a sync bind: use run_transaction)"
+    elif isinstance(bind, Connection | AsyncConnection | Session | AsyncSession):
+        hint = " (each run needs a fresh connection: pass the engine or the sessionmaker)"
+    return ArgumentError(f"{where}: bind must be {wanted}, got {type(bind).__name__}{hint}")
+
+
+# -- the calls and the decorator -------------------------------------------------------------------
+
+
+def run_transaction(
+    bind: Engine | sessionmaker[Any],
+    fn: Callable[[Any], _T],
+    *,
+    attempts: int | None = DEFAULT_ATTEMPTS,
+    deadline: float = DEFAULT_DEADLINE,
+    idempotent: bool = False,
+    classifier: Classifier | None = None,
+) -> _T:
+    """Run ``fn`` as one re-runnable unit of work: see :meth:`TransactionRunner.run`."""
+    return TransactionRunner(
+        attempts=attempts, deadline=deadline, idempotent=idempotent, classifier=classifier
+    ).run(bind, fn)
+
+
+async def run_transaction_async(
+    bind: AsyncEngine | async_sessionmaker[Any],
+    fn: Callable[[Any], Awaitable[_T]],
+    *,
+    attempts: int | None = DEFAULT_ATTEMPTS,
+    deadline: float = DEFAULT_DEADLINE,
+    idempotent: bool = False,
+    classifier: Classifier | None = None,
+) -> _T:
+    """Run ``await fn(...)`` as one re-runnable unit of work: see
+    :meth:`TransactionRunner.run_async`."""
+    return await TransactionRunner(
+        attempts=attempts, deadline=deadline, idempotent=idempotent, classifier=classifier
+    ).run_async(bind, fn)
+
+
+@overload
+def transactional(
+    bind: AsyncEngine | async_sessionmaker[Any], runner: TransactionRunner | None = None
+) -> Callable[[Callable[Concatenate[Any, _P], Awaitable[_T]]], Callable[_P, Awaitable[_T]]]: ...
+
+
+@overload
+def transactional(
+    bind: Engine | sessionmaker[Any], runner: TransactionRunner | None = None
+) -> Callable[[Callable[Concatenate[Any, _P], _T]], Callable[_P, _T]]: ...
+
+
+def transactional(bind: Any, runner: TransactionRunner | None = None) -> Any:
+    """Decorate a function whose first parameter is the connection (or session) so that each
+    call runs it as a re-runnable unit of work on ``bind``; the caller passes the other
+    arguments. A coroutine function needs an async bind, a plain function a sync one.
+
+    The bind is checked when the decorator is applied, not at the first call.
+    """
+    chosen = runner if runner is not None else TransactionRunner()
+    asynchronous = isinstance(bind, AsyncEngine | async_sessionmaker)
+    if not asynchronous and not isinstance(bind, Engine | sessionmaker):
+        raise _bind_error(
+            "transactional",
+            "an Engine, a sessionmaker, an AsyncEngine or an async_sessionmaker",
+            bind,
+        )
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.iscoroutinefunction(fn) != asynchronous:
+            kind = "a coroutine function" if asynchronous else "a plain (sync) function"
+            raise ArgumentError(
+                f"transactional: {fn.__qualname__} must be {kind} for a {type(bind).__name__} bind"
+            )
+        if asynchronous:
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                return await chosen.run_async(bind, lambda c: fn(c, *args, **kwargs))
+
+            return run_async
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return chosen.run(bind, lambda c: fn(c, *args, **kwargs))
+
+        return run
+
+    return decorate
