@@ -311,7 +311,7 @@ class TransactionRunner:
         if decision.action == "unknown":
             if counters is not None:
                 counters.outcome_unknown()
-            _record("db.transaction.outcome_unknown", runs, decision.reason)
+            _record("outcome_unknown", runs, decision.reason, run.phase)
             logger.warning(
                 "unit of work run %d: connection failed while COMMIT was in flight (%s, "
                 "sqlstate=%s): outcome unknown, not run again",
@@ -336,7 +336,7 @@ class TransactionRunner:
             raise error
         if counters is not None:
             counters.transaction_retried()
-        _record("db.transaction.retry", runs, decision.reason)
+        _record("retry", runs, decision.reason, run.phase)
         if logger.isEnabledFor(logging.WARNING):
             logger.warning(
                 "unit of work run %d failed in %s (%s, sqlstate=%s): %s; running it again in %.3fs",
@@ -357,11 +357,19 @@ def _attempts_argument(value: Any) -> int | None:
         raise ArgumentError(f"attempts must be a positive integer or None, got {value!r}") from None
 
 
-def _record(name: str, runs: int, reason: str) -> None:
-    """An event on the current span (the request's): which run failed and why."""
+def _record(what: str, runs: int, reason: str, phase: Phase) -> None:
+    """An event on the current span (the request's): which run failed, where and why. The
+    conventions name no such event: the project's prefix says so (as for the pool's spans)."""
     span = trace.get_current_span()
     if span.is_recording():
-        span.add_event(name, {"db.transaction.attempt": runs, "error.type": reason})
+        span.add_event(
+            f"fault_tolerant_pool.transaction.{what}",
+            {
+                "fault_tolerant_pool.transaction.attempt": runs,
+                "fault_tolerant_pool.transaction.phase": phase,
+                "error.type": reason,
+            },
+        )
 
 
 # -- one run, for each kind of bind ----------------------------------------------------------------

@@ -297,3 +297,37 @@ def test_settings_are_an_immutable_value() -> None:
         base.attempts = 3  # type: ignore[misc]
     with pytest.raises(ArgumentError, match="attempts"):
         base.new(attempts=-2)
+
+
+def test_each_failed_run_is_an_event_on_the_current_span() -> None:
+    from tests.otel import Otel
+
+    otel = Otel()
+    clock = Clock()
+    chosen = runner(clock)
+    backoff = chosen_backoff(chosen, clock)
+    with otel.tracer.start_as_current_span("POST /orders"):
+        chosen._after_failure(wrapped("57P01"), failing_run("work"), backoff)
+        with pytest.raises(TransactionOutcomeUnknown):
+            chosen._after_failure(
+                wrapped("08006", invalidated=True), failing_run("commit"), backoff
+            )
+    [span] = otel.spans("POST /orders")
+    assert [(e.name, dict(e.attributes or {})) for e in span.events] == [
+        (
+            "fault_tolerant_pool.transaction.retry",
+            {
+                "fault_tolerant_pool.transaction.attempt": 1,
+                "fault_tolerant_pool.transaction.phase": "work",
+                "error.type": "57P01",
+            },
+        ),
+        (
+            "fault_tolerant_pool.transaction.outcome_unknown",
+            {
+                "fault_tolerant_pool.transaction.attempt": 2,
+                "fault_tolerant_pool.transaction.phase": "commit",
+                "error.type": "08006",
+            },
+        ),
+    ]
