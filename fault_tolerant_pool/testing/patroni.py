@@ -280,8 +280,12 @@ class PatroniNode:
                         },
                     },
                 },
-                "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, {"auth-host": "scram-sha-256"},
-                           {"auth-local": "trust"}],
+                "initdb": [
+                    {"encoding": "UTF8"},
+                    {"locale": "C"},
+                    {"auth-host": "scram-sha-256"},
+                    {"auth-local": "trust"},
+                ],
                 "pg_hba": [
                     "local all all trust",
                     f"host replication {c.replication_user} 127.0.0.1/32 scram-sha-256",
@@ -638,9 +642,7 @@ class PatroniCluster:
     def _start_haproxy(self) -> None:
         config = self.workdir / "haproxy.cfg"
         config.write_text(self._haproxy_config())
-        self.haproxy.start(
-            [str(self.programs["haproxy"]), "-db", "-f", str(config)], self.workdir
-        )
+        self.haproxy.start([str(self.programs["haproxy"]), "-db", "-f", str(config)], self.workdir)
 
     def _wait(self, condition: Callable[[], bool], what: str, deadline: float) -> None:
         def check() -> bool:
@@ -865,4 +867,3 @@ class PatroniCluster:
     def __repr__(self) -> str:
         nodes = len(self.nodes)
         return f"<PatroniCluster {nodes} nodes haproxy={self.haproxy_port} {self.workdir}>"
-
