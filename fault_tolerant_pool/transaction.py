@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .classify import Classifier, classify, innermost_class, sqlstate_of
 from .errors import ConnectRetriesExhausted, one_line, redact
 from .policy import Backoff, RetryPolicy, _attempts, _number
+from .replicas import Route
 from .shutdown import PoolClosed
 
 logger = logging.getLogger("fault_tolerant_pool.transaction")
@@ -188,11 +189,14 @@ def decide(
 class _Run:
     """One run's progress: its phase, and where its connection came from (for the counters)."""
 
-    __slots__ = ("phase", "source")
+    __slots__ = ("phase", "read_only", "source")
 
     def __init__(self) -> None:
         self.phase: Phase = "checkout"
         self.source: Any = None
+        self.read_only = False
+        """Routed as read-only (a router's reads): nothing written, so a COMMIT cut in flight
+        changes nothing either and the run may run again."""
 
 
 def _pool_of(source: Any) -> Any:
@@ -267,7 +271,7 @@ class TransactionRunner:
 
     # -- the loop, sync and async -----------------------------------------------------------------
 
-    def run(self, bind: Engine | sessionmaker[Any], fn: Callable[[Any], _T]) -> _T:
+    def run(self, bind: Engine | sessionmaker[Any] | Route, fn: Callable[[Any], _T]) -> _T:
         """Run ``fn(connection)`` (an :class:`~sqlalchemy.engine.Engine`) or ``fn(session)`` (a
         :class:`~sqlalchemy.orm.sessionmaker`) in one transaction, committed; run it again on a
         fresh connection after a failure that leaves nothing behind. Returns what ``fn`` returns.
@@ -284,7 +288,7 @@ class TransactionRunner:
 
     async def run_async(
         self,
-        bind: AsyncEngine | async_sessionmaker[Any],
+        bind: AsyncEngine | async_sessionmaker[Any] | Route,
         fn: Callable[[Any], Awaitable[_T]],
     ) -> _T:
         """:meth:`run` for asyncio: ``await fn(connection)`` on an
@@ -303,7 +307,12 @@ class TransactionRunner:
 
     def _after_failure(self, error: Exception, run: _Run, backoff: Backoff) -> float:
         """The sleep before the next run; raises when there is none."""
-        decision = decide(error, run.phase, idempotent=self.idempotent, classifier=self.classifier)
+        decision = decide(
+            error,
+            run.phase,
+            idempotent=self.idempotent or run.read_only,
+            classifier=self.classifier,
+        )
         runs = backoff.failures + 1
         if decision.action == "raise":
             raise error
@@ -376,11 +385,13 @@ def _record(what: str, runs: int, reason: str, phase: Phase) -> None:
 
 
 def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
-    if isinstance(bind, Engine):
+    if isinstance(bind, Engine) or (isinstance(bind, Route) and not bind.asynchronous):
 
         def core(run: _Run) -> _T:
-            run.source = bind
+            run.source = bind if isinstance(bind, Engine) else None
+            run.read_only = getattr(bind, "read_only", False)
             with bind.connect() as connection:
+                run.source = connection
                 run.phase = "work"
                 transaction = connection.begin()
                 result = fn(connection)
@@ -394,6 +405,7 @@ def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
         def orm(run: _Run) -> _T:
             with bind() as session:
                 run.source = session
+                run.read_only = getattr(session, "read_only", False) is True
                 session.begin()
                 session.connection()  # the checkout, now rather than at the first statement
                 run.phase = "work"
@@ -404,17 +416,21 @@ def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
             return result
 
         return orm
-    raise _bind_error("run_transaction", "an Engine or a sessionmaker", bind)
+    raise _bind_error(
+        "run_transaction", "an Engine, a sessionmaker or a sync router's reads/writes", bind
+    )
 
 
 def _async_attempt(
     bind: Any, fn: Callable[[Any], Awaitable[_T]]
 ) -> Callable[[_Run], Awaitable[_T]]:
-    if isinstance(bind, AsyncEngine):
+    if isinstance(bind, AsyncEngine) or (isinstance(bind, Route) and bind.asynchronous):
 
         async def core(run: _Run) -> _T:
-            run.source = bind
+            run.source = bind if isinstance(bind, AsyncEngine) else None
+            run.read_only = getattr(bind, "read_only", False)
             async with bind.connect() as connection:
+                run.source = connection
                 run.phase = "work"
                 transaction = await connection.begin()
                 result = await fn(connection)
@@ -428,6 +444,7 @@ def _async_attempt(
         async def orm(run: _Run) -> _T:
             async with bind() as session:
                 run.source = session
+                run.read_only = getattr(session.sync_session, "read_only", False) is True
                 await session.begin()
                 await session.connection()
                 run.phase = "work"
@@ -438,7 +455,11 @@ def _async_attempt(
             return result
 
         return orm
-    raise _bind_error("run_transaction_async", "an AsyncEngine or an async_sessionmaker", bind)
+    raise _bind_error(
+        "run_transaction_async",
+        "an AsyncEngine, an async_sessionmaker or an async router's reads/writes",
+        bind,
+    )
 
 
 def _bind_error(where: str, wanted: str, bind: Any) -> ArgumentError:
@@ -456,7 +477,7 @@ def _bind_error(where: str, wanted: str, bind: Any) -> ArgumentError:
 
 
 def run_transaction(
-    bind: Engine | sessionmaker[Any],
+    bind: Engine | sessionmaker[Any] | Route,
     fn: Callable[[Any], _T],
     *,
     attempts: int | None = DEFAULT_ATTEMPTS,
@@ -471,7 +492,7 @@ def run_transaction(
 
 
 async def run_transaction_async(
-    bind: AsyncEngine | async_sessionmaker[Any],
+    bind: AsyncEngine | async_sessionmaker[Any] | Route,
     fn: Callable[[Any], Awaitable[_T]],
     *,
     attempts: int | None = DEFAULT_ATTEMPTS,
@@ -498,6 +519,10 @@ def transactional(
 ) -> Callable[[Callable[Concatenate[Any, _P], _T]], Callable[_P, _T]]: ...
 
 
+@overload
+def transactional(bind: Route, runner: TransactionRunner | None = None) -> Any: ...
+
+
 def transactional(bind: Any, runner: TransactionRunner | None = None) -> Any:
     """Decorate a function whose first parameter is the connection (or session) so that each
     call runs it as a re-runnable unit of work on ``bind``; the caller passes the other
@@ -506,11 +531,14 @@ def transactional(bind: Any, runner: TransactionRunner | None = None) -> Any:
     The bind is checked when the decorator is applied, not at the first call.
     """
     chosen = runner if runner is not None else TransactionRunner()
-    asynchronous = isinstance(bind, AsyncEngine | async_sessionmaker)
-    if not asynchronous and not isinstance(bind, Engine | sessionmaker):
+    asynchronous = isinstance(bind, AsyncEngine | async_sessionmaker) or (
+        isinstance(bind, Route) and bind.asynchronous
+    )
+    if not asynchronous and not isinstance(bind, Engine | sessionmaker | Route):
         raise _bind_error(
             "transactional",
-            "an Engine, a sessionmaker, an AsyncEngine or an async_sessionmaker",
+            "an Engine, a sessionmaker, an AsyncEngine, an async_sessionmaker or a router's "
+            "reads/writes",
             bind,
         )
 

@@ -1,0 +1,647 @@
+"""Read/write routing: one writer, any number of readers, skipping readers that are down or behind.
+
+A :class:`ReplicaRouter` holds the writer's engine and one engine per reader (each built with
+this project's pools, or stock ones). A transaction the application marks read-only goes to a
+healthy reader, every other one to the writer:
+
+- Core: ``router.connect(read_only=True)`` (a ``Connection``, or an ``AsyncConnection`` to use
+  with ``async with``), or ``router.reads`` / ``router.writes`` handed to the transaction runner;
+- ORM: ``router.sessionmaker(read_only=True)`` (``router.async_sessionmaker(...)``): every
+  transaction of such a session goes to one reader, chosen when it begins.
+
+What "healthy" means is decided off the request path. A checker per reader (a daemon thread for
+sync engines, a task in the application's event loop for async ones) asks the reader once a
+second (``check_interval``) whether it is a standby and how far behind it is
+(:data:`LAG_SQL`): never per query. A reader is in rotation while its last check says it is a
+standby within ``max_replica_lag``, that check is recent, no check has hung past
+``check_timeout``, its pool is not failing to connect, and no request has seen it disconnect
+since. A standby promoted in a failover reports it is no longer in recovery and leaves the
+rotation; a writer that comes back as a standby joins it. When no reader is in rotation, reads
+go to the writer (``fallback_to_writer``) or raise :class:`NoReaderAvailable`.
+
+A checkout that fails on the chosen reader (its pool gave up) is tried on the next reader, then
+on the writer, before the connection is handed out. Statements in flight on a reader that goes
+away fail as on any engine: hand the read to the transaction runner
+(``run_transaction_async(router.reads, fn)``) and it runs again on another server.
+
+Read-your-writes: after a transaction on the writer commits, reads in the same context (the
+same asyncio task, or thread: a request) stay on the writer for ``read_your_writes`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import async_sessionmaker as _async_sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker as _sessionmaker
+
+from .policy import _number
+
+logger = logging.getLogger("fault_tolerant_pool.replicas")
+
+#: Defaults (see docs/replicas.md).
+DEFAULT_MAX_REPLICA_LAG = 5.0
+DEFAULT_CHECK_INTERVAL = 1.0
+DEFAULT_CHECK_TIMEOUT = 1.5
+
+#: One round trip per check: whether the server is a standby, and its lag in seconds. A standby
+#: that has replayed all it received from a primary it streams from is not behind (however old
+#: its last transaction: the primary may be idle); otherwise the lag is the age of the last
+#: transaction it replayed (the primary's commit time against the standby's clock), and a
+#: standby that has replayed nothing yet counts as far behind.
+LAG_SQL = sa.text(
+    "SELECT pg_is_in_recovery() AS standby, CASE"
+    " WHEN NOT pg_is_in_recovery() THEN 0.0"
+    " WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()"
+    "  AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') THEN 0.0"
+    " ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8, 1e9)"
+    " END AS lag"
+)
+
+
+class NoReaderAvailable(OperationalError):
+    """A read-only transaction found no reader in rotation and ``fallback_to_writer`` is off."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, None, ConnectionError(message))
+        self._text = message
+
+    def __str__(self) -> str:
+        return self._text
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderStatus:
+    """One reader as the router sees it (``ReplicaRouter.stats()``)."""
+
+    name: str
+    """``host:port/database`` of its engine (never credentials)."""
+    role: str
+    """``unknown`` (not checked yet), ``standby``, ``primary`` (promoted: takes no reads) or
+    ``down`` (its last check failed or hung)."""
+    lag: float | None
+    """Seconds behind at its last check (None before the first one)."""
+    in_rotation: bool
+    reads: int
+    """Read-only transactions routed to it."""
+    skipped_for_lag: int
+    """Times it was passed over because it was further behind than ``max_replica_lag``."""
+    skipped_down: int
+    """Times it was passed over because it was down, promoted, unchecked or its pool failing."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStats:
+    """What the router did: reads per reader, reads the writer took, and why."""
+
+    readers: tuple[ReaderStatus, ...]
+    writer_reads: int
+    """Read-only transactions sent to the writer (no reader in rotation, or read-your-writes)."""
+    fallbacks: int
+    """Of those, the ones sent there because no reader was in rotation (or all failed)."""
+    read_your_writes: int
+    """Of those, the ones kept there because their context wrote within ``read_your_writes``."""
+    writes: int
+    """Transactions routed to the writer that were not read-only."""
+
+
+class _Reader:
+    """One reader's engine and what its checker last found (written by the checker only)."""
+
+    __slots__ = (
+        "checked_at",
+        "checking_since",
+        "engine",
+        "gate",
+        "lag",
+        "last_check_began",
+        "name",
+        "reads",
+        "role",
+        "skipped_down",
+        "skipped_for_lag",
+        "suspect_at",
+        "sync_engine",
+    )
+
+    def __init__(self, engine: Engine | AsyncEngine) -> None:
+        self.engine = engine
+        self.sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        tolerance = getattr(self.sync_engine.pool, "_fault_tolerance", None)
+        self.gate = None if tolerance is None else tolerance.gate
+        self.name = _name(self.sync_engine)
+        self.role = "unknown"
+        self.lag: float | None = None
+        self.checked_at = -1e18
+        self.last_check_began = -1e18
+        self.checking_since: float | None = None
+        self.suspect_at: float | None = None
+        self.reads = 0
+        self.skipped_for_lag = 0
+        self.skipped_down = 0
+
+    def why_not(self, now: float, max_lag: float, stale_after: float, timeout: float) -> str | None:
+        """None when the reader may take a read now; else ``lag`` or ``down``."""
+        if self.role != "standby":
+            return "down"
+        since = self.checking_since
+        if since is not None and now - since > timeout:
+            return "down"  # its check hangs: a black hole, or a server too busy to answer
+        if now - self.checked_at > stale_after:
+            return "down"
+        suspect = self.suspect_at
+        if suspect is not None and suspect >= self.last_check_began:
+            return "down"  # a request saw it disconnect since its last check began
+        gate = self.gate
+        if gate is not None and gate.state != "healthy":
+            return "down"  # its pool is failing to connect: let its probe find out
+        lag = self.lag
+        if lag is None:
+            return "lag"
+        if lag > max_lag / 2:
+            # Near the limit: presumed to fall further behind until the next check (a replay
+            # that stopped, as under recovery_min_apply_delay, adds a second of lag a second).
+            lag += now - self.checked_at
+        if lag > max_lag:
+            return "lag"
+        return None
+
+
+def _name(engine: Engine) -> str:
+    url = engine.url
+    host = url.host
+    if host is None:
+        hosts = url.query.get("host")
+        host = hosts if isinstance(hosts, str) else ",".join(hosts or ())
+    return f"{host or ''}:{url.port or ''}/{url.database or ''}"
+
+
+class ReplicaRouter:
+    """Routes read-only transactions to readers and the rest to the writer (see the module).
+
+    ``writer`` and ``readers`` are all sync engines or all async engines. A reader may be listed
+    that is the writer now (every node of a cluster, each by its own URL): while it is a
+    primary it takes no reads, and it joins the rotation once it is a standby.
+    """
+
+    def __init__(
+        self,
+        writer: Engine | AsyncEngine,
+        readers: Sequence[Engine | AsyncEngine],
+        *,
+        max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG,
+        read_your_writes: float | None = None,
+        fallback_to_writer: bool = True,
+        check_interval: float = DEFAULT_CHECK_INTERVAL,
+        check_timeout: float = DEFAULT_CHECK_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        asynchronous = isinstance(writer, AsyncEngine)
+        if not asynchronous and not isinstance(writer, Engine):
+            raise ArgumentError(
+                f"writer must be an Engine or an AsyncEngine, got {type(writer).__name__}"
+            )
+        if isinstance(readers, Engine | AsyncEngine) or not isinstance(readers, Sequence):
+            raise ArgumentError("readers must be a list of engines (it may be empty)")
+        kind = AsyncEngine if asynchronous else Engine
+        for i, given in enumerate(readers):
+            if not isinstance(given, kind):
+                raise ArgumentError(
+                    f"readers[{i}] must be {'an AsyncEngine' if asynchronous else 'an Engine'} "
+                    f"like the writer, got {type(given).__name__}"
+                )
+        self.max_replica_lag = _number(
+            "max_replica_lag", max_replica_lag, minimum=0.0, strict=False
+        )
+        self.check_interval = _number("check_interval", check_interval, minimum=0.0, strict=True)
+        self.check_timeout = _number("check_timeout", check_timeout, minimum=0.0, strict=True)
+        if read_your_writes is None:
+            read_your_writes = self.max_replica_lag + self.check_interval
+        self.read_your_writes = _number(
+            "read_your_writes", read_your_writes, minimum=0.0, strict=False
+        )
+        if not isinstance(fallback_to_writer, bool):
+            raise ArgumentError(
+                f"fallback_to_writer must be True or False, got {fallback_to_writer!r}"
+            )
+        self.fallback_to_writer = fallback_to_writer
+        self.writer = writer
+        self.asynchronous = asynchronous
+        self._sync_writer = writer.sync_engine if isinstance(writer, AsyncEngine) else writer
+        self._readers = tuple(_Reader(r) for r in readers)
+        self._clock = clock
+        # A check older than two intervals plus its time limit is stale: the checker is stuck.
+        self._stale_after = 2 * self.check_interval + self.check_timeout
+        self._next = 0
+        self._writer_reads = 0
+        self._fallbacks = 0
+        self._sticky_reads = 0
+        self._writes = 0
+        self._wrote_at: contextvars.ContextVar[float] = contextvars.ContextVar(
+            "fault_tolerant_pool_wrote_at", default=-1e18
+        )
+        self._closed = False
+        self._started = False
+        self._start_lock = threading.Lock()
+        self._first_round: threading.Event | asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.reads = Route(self, read_only=True)
+        """A bind for the transaction runner: each run on a reader chosen then."""
+        self.writes = Route(self, read_only=False)
+        """A bind for the transaction runner: each run on the writer."""
+        event.listen(self._sync_writer, "commit", self._committed)
+        for reader in self._readers:
+            event.listen(reader.sync_engine, "handle_error", _suspect(reader, clock))
+
+    # -- choosing ----------------------------------------------------------------------------------
+
+    def choose(self, read_only: bool) -> Engine | AsyncEngine:
+        """The engine the next transaction goes to (a reader in rotation, or the writer)."""
+        if not read_only:
+            self._writes += 1
+            return self.writer
+        if not self._started:
+            self._start()
+        now = self._clock()
+        if now - self._wrote_at.get() < self.read_your_writes:
+            self._writer_reads += 1
+            self._sticky_reads += 1
+            return self.writer
+        reader = self._pick(now, ())
+        if reader is None:
+            return self._no_reader()
+        return reader.engine
+
+    def _pick(self, now: float, tried: tuple[_Reader, ...]) -> _Reader | None:
+        readers = self._readers
+        count = len(readers)
+        start = self._next
+        for step in range(count):
+            reader = readers[(start + step) % count]
+            if reader in tried:
+                continue
+            why = reader.why_not(now, self.max_replica_lag, self._stale_after, self.check_timeout)
+            if why is None:
+                self._next = (start + step + 1) % count
+                reader.reads += 1
+                return reader
+            if why == "lag":
+                reader.skipped_for_lag += 1
+            else:
+                reader.skipped_down += 1
+        return None
+
+    def _no_reader(self) -> Engine | AsyncEngine:
+        if not self.fallback_to_writer:
+            raise NoReaderAvailable(
+                f"no reader in rotation ({self._describe()}) and fallback_to_writer is off"
+            )
+        self._writer_reads += 1
+        self._fallbacks += 1
+        return self.writer
+
+    def _describe(self) -> str:
+        return (
+            ", ".join(
+                f"{r.name}: {r.role}" + ("" if r.lag is None else f" lag {r.lag:.1f}s")
+                for r in self._readers
+            )
+            or "none configured"
+        )
+
+    def _committed(self, connection: Connection) -> None:
+        """The writer's ``commit`` event: reads in this context now stay on the writer (a
+        read-only transaction the writer took is marked, and does not count)."""
+        if not connection.get_execution_options().get(_READ_ONLY_KEY):
+            self._wrote_at.set(self._clock())
+
+    # -- Core --------------------------------------------------------------------------------------
+
+    def connect(self, *, read_only: bool = False) -> Any:
+        """A connection on the chosen engine: a ``Connection`` (sync router), or an
+        ``AsyncConnection`` to use as ``async with router.connect(read_only=True) as conn``.
+        A reader whose checkout fails is skipped for the next, then for the writer."""
+        if self.asynchronous:
+            return _AsyncConnect(self, read_only)
+        return self._connect_sync(read_only)
+
+    def _connect_sync(self, read_only: bool) -> Connection:
+        engine: Any = self.choose(read_only)
+        tried: tuple[_Reader, ...] = ()
+        while True:
+            try:
+                connection: Connection = engine.connect()
+            except Exception:
+                reader = self._reader_of(engine)
+                if reader is None:
+                    raise
+                engine, tried = self._after_failed_checkout(reader, tried)
+                continue
+            if read_only and engine is self.writer:
+                connection.execution_options(**_READ_ONLY)
+            return connection
+
+    def _reader_of(self, engine: Any) -> _Reader | None:
+        for reader in self._readers:
+            if reader.engine is engine:
+                return reader
+        return None
+
+    def _after_failed_checkout(
+        self, reader: _Reader, tried: tuple[_Reader, ...]
+    ) -> tuple[Engine | AsyncEngine, tuple[_Reader, ...]]:
+        reader.suspect_at = self._clock()
+        tried = (*tried, reader)
+        logger.warning("reader %s: checkout failed; trying another server", reader.name)
+        following = self._pick(self._clock(), tried)
+        if following is not None:
+            return following.engine, tried
+        return self._no_reader(), tried
+
+    # -- ORM ---------------------------------------------------------------------------------------
+
+    def sessionmaker(self, *, read_only: bool = False, **kw: Any) -> _sessionmaker[Any]:
+        """A ``sessionmaker`` whose sessions send every transaction to the writer, or (with
+        ``read_only``) each transaction to one reader chosen when it begins."""
+        if self.asynchronous:
+            raise ArgumentError("an async router makes async_sessionmaker(), not sessionmaker()")
+        return _sessionmaker(class_=RoutingSession, router=self, read_only=read_only, **kw)
+
+    def async_sessionmaker(
+        self, *, read_only: bool = False, **kw: Any
+    ) -> _async_sessionmaker[AsyncSession]:
+        """The ``async_sessionmaker`` of :meth:`sessionmaker`."""
+        if not self.asynchronous:
+            raise ArgumentError("a sync router makes sessionmaker(), not async_sessionmaker()")
+        return _async_sessionmaker(
+            sync_session_class=RoutingSession, router=self, read_only=read_only, **kw
+        )
+
+    # -- the checkers ------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._started:
+                return
+            if self.asynchronous:
+                loop = asyncio.get_running_loop()
+                ready = asyncio.Event()
+                self._first_round = ready
+                pending = [len(self._readers)]
+                for reader in self._readers:
+                    task = loop.create_task(self._check_forever_async(reader, ready, pending))
+                    self._tasks.append(task)
+                if not self._readers:
+                    ready.set()
+            else:
+                first = threading.Event()
+                self._first_round = first
+                pending = [len(self._readers)]
+                for reader in self._readers:
+                    thread = threading.Thread(
+                        target=_check_forever_sync,
+                        args=(weakref.ref(self), reader, first, pending),
+                        name=f"fault_tolerant_pool replica check {reader.name}",
+                        daemon=True,
+                    )
+                    self._threads.append(thread)
+                    thread.start()
+                if not self._readers:
+                    first.set()
+            self._started = True
+        if not self.asynchronous:
+            assert isinstance(self._first_round, threading.Event)
+            self._first_round.wait(self.check_timeout)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Start the checkers and wait for every reader's first check (or ``timeout``,
+        default ``check_timeout``): reads before that go to the writer."""
+        if not self._started:
+            self._start()
+        first = self._first_round
+        if isinstance(first, asyncio.Event):
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(first.wait(), timeout or self.check_timeout)
+
+    def _record(self, reader: _Reader, began: float, standby: bool, lag: float) -> None:
+        reader.last_check_began = began
+        reader.role = "standby" if standby else "primary"
+        reader.lag = max(0.0, lag)
+        reader.checked_at = self._clock()
+        reader.checking_since = None
+
+    def _failed(self, reader: _Reader, error: BaseException) -> None:
+        if reader.role != "down":
+            logger.warning(
+                "reader %s: check failed (%s): out of rotation", reader.name, type(error).__name__
+            )
+        reader.role = "down"
+        reader.checking_since = None
+
+    async def _check_forever_async(
+        self, reader: _Reader, ready: asyncio.Event, pending: list[int]
+    ) -> None:
+        engine = reader.engine
+        assert isinstance(engine, AsyncEngine)
+        first = True
+        while not self._closed:
+            began = self._clock()
+            reader.checking_since = began
+            try:
+                row = await asyncio.wait_for(_check_async(engine), self.check_timeout)
+                self._record(reader, began, bool(row[0]), float(row[1]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self._failed(reader, error)
+            if first:
+                first = False
+                pending[0] -= 1
+                if pending[0] <= 0:
+                    ready.set()
+            await asyncio.sleep(max(0.0, self.check_interval - (self._clock() - began)))
+
+    def stats(self) -> RouterStats:
+        now = self._clock()
+        readers = tuple(
+            ReaderStatus(
+                name=r.name,
+                role=r.role,
+                lag=r.lag,
+                in_rotation=r.why_not(
+                    now, self.max_replica_lag, self._stale_after, self.check_timeout
+                )
+                is None,
+                reads=r.reads,
+                skipped_for_lag=r.skipped_for_lag,
+                skipped_down=r.skipped_down,
+            )
+            for r in self._readers
+        )
+        return RouterStats(
+            readers=readers,
+            writer_reads=self._writer_reads,
+            fallbacks=self._fallbacks,
+            read_your_writes=self._sticky_reads,
+            writes=self._writes,
+        )
+
+    def close(self) -> None:
+        """Stop the checkers (the engines stay open: they are the application's)."""
+        self._closed = True
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+
+    def __repr__(self) -> str:
+        return f"<ReplicaRouter writer={_name(self._sync_writer)} readers=[{self._describe()}]>"
+
+
+#: The execution option that marks a read-only transaction the writer took (its COMMIT is not
+#: a write for read-your-writes). Set on the ``Connection``, which lives for one checkout.
+_READ_ONLY_KEY = "fault_tolerant_pool_read_only"
+_READ_ONLY = {_READ_ONLY_KEY: True}
+
+
+async def _check_async(engine: AsyncEngine) -> Any:
+    async with engine.connect() as connection:
+        return (await connection.execute(LAG_SQL)).one()
+
+
+def _check_forever_sync(
+    ref: weakref.ref[ReplicaRouter], reader: _Reader, first: threading.Event, pending: list[int]
+) -> None:
+    engine = reader.engine
+    assert isinstance(engine, Engine)
+    announced = False
+    while True:
+        router = ref()
+        if router is None or router._closed:
+            return
+        began = router._clock()
+        reader.checking_since = began
+        try:
+            with engine.connect() as connection:
+                row = connection.execute(LAG_SQL).one()
+            router._record(reader, began, bool(row[0]), float(row[1]))
+        except Exception as error:
+            router._failed(reader, error)
+        if not announced:
+            announced = True
+            pending[0] -= 1
+            if pending[0] <= 0:
+                first.set()
+        pause = max(0.0, router.check_interval - (router._clock() - began))
+        stop = router._stop
+        del router  # a router no one holds any more stops its checkers
+        if stop.wait(pause):
+            return
+
+
+def _suspect(reader: _Reader, clock: Callable[[], float]) -> Callable[[Any], None]:
+    def handle_error(context: Any) -> None:
+        if context.is_disconnect:
+            reader.suspect_at = clock()
+
+    return handle_error
+
+
+class _AsyncConnect:
+    """``async with router.connect(read_only=True) as conn``: the async checkout, with the
+    same fallback as the sync one."""
+
+    __slots__ = ("_connection", "_read_only", "_router")
+
+    def __init__(self, router: ReplicaRouter, read_only: bool) -> None:
+        self._router = router
+        self._read_only = read_only
+        self._connection: AsyncConnection | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        router = self._router
+        engine = router.choose(self._read_only)
+        tried: tuple[_Reader, ...] = ()
+        while True:
+            assert isinstance(engine, AsyncEngine)
+            connection = engine.connect()
+            try:
+                await connection.start()
+            except Exception:
+                reader = router._reader_of(engine)
+                if reader is None:
+                    raise
+                engine, tried = router._after_failed_checkout(reader, tried)
+                continue
+            if self._read_only and engine is router.writer:
+                await connection.execution_options(**_READ_ONLY)
+            self._connection = connection
+            return connection
+
+    async def __aexit__(self, *exc: object) -> None:
+        connection = self._connection
+        self._connection = None
+        if connection is not None:
+            await connection.close()
+
+
+class Route:
+    """``router.reads`` / ``router.writes``: what the transaction runner connects through."""
+
+    __slots__ = ("read_only", "router")
+
+    def __init__(self, router: ReplicaRouter, read_only: bool) -> None:
+        self.router = router
+        self.read_only = read_only
+
+    def connect(self) -> Any:
+        return self.router.connect(read_only=self.read_only)
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.router.asynchronous
+
+
+class RoutingSession(Session):
+    """A ``Session`` whose transactions go where its router says: all to the writer, or (a
+    read-only session) each to one reader chosen when the transaction begins."""
+
+    def __init__(
+        self, *args: Any, router: ReplicaRouter, read_only: bool = False, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.router = router
+        self.read_only = read_only
+        self._route: tuple[Any, Engine] | None = None
+
+    def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+        transaction = self.get_transaction()
+        route = self._route
+        if route is not None and route[0] is transaction and transaction is not None:
+            return route[1]
+        chosen = self.router.choose(self.read_only)
+        engine = chosen.sync_engine if isinstance(chosen, AsyncEngine) else chosen
+        self._route = (transaction, engine)
+        return engine
+
+
+@event.listens_for(RoutingSession, "after_begin")
+def _mark_read_only(session: RoutingSession, transaction: Any, connection: Connection) -> None:
+    if session.read_only:
+        connection.execution_options(**_READ_ONLY)
