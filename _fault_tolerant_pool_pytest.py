@@ -99,6 +99,20 @@ def pg_primary_standby(
 
 
 @pytest.fixture
+def pg_replicas(
+    pg_server: PostgresServer, pg_standby: PostgresServer
+) -> Iterator[tuple[PostgresServer, PostgresServer, PostgresServer]]:
+    """A primary and two hot standbys streaming from it: ``(pg_server, pg_standby, second)``,
+    destroyed after. ``standby.delay_replay(5)`` makes one lag; ``standby.stop()`` takes it
+    away; ``standby.promote()`` makes it a primary (read routing: docs/replicas.md)."""
+    second = _require(pg_server.standby)
+    try:
+        yield pg_server, pg_standby, second
+    finally:
+        second.destroy()
+
+
+@pytest.fixture
 def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
     """A :class:`FaultProxy` in front of ``pg_server``; connect with ``pg_server.url(port=...)``."""
     from fault_tolerant_pool.testing.proxy import FaultProxy

@@ -21,6 +21,13 @@ from .pool import (
     FaultTolerantNullPool,
     FaultTolerantQueuePool,
 )
+from .replicas import (
+    NoReaderAvailable,
+    ReaderStatus,
+    ReplicaRouter,
+    RouterStats,
+    RoutingSession,
+)
 from .shutdown import PoolClosed, ShutdownReport, drain, shutdown
 from .stats import LastError, PoolStats
 from .transaction import (
@@ -42,10 +49,15 @@ __all__ = [
     "FaultTolerantQueuePool",
     "FileCredentials",
     "LastError",
+    "NoReaderAvailable",
     "PoolClosed",
     "PoolStats",
     "RdsIamCredentials",
+    "ReaderStatus",
+    "ReplicaRouter",
     "RetryPolicy",
+    "RouterStats",
+    "RoutingSession",
     "ShutdownReport",
     "TooManyWaiting",
     "TransactionOutcomeUnknown",

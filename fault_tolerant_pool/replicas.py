@@ -37,11 +37,12 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
+from opentelemetry import metrics
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -51,6 +52,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker as _sessionmaker
 
 from .policy import _number
+from .telemetry import INSTRUMENTATION_NAME, _version
 
 logger = logging.getLogger("fault_tolerant_pool.replicas")
 
@@ -209,6 +211,7 @@ class ReplicaRouter:
         fallback_to_writer: bool = True,
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         check_timeout: float = DEFAULT_CHECK_TIMEOUT,
+        meter_provider: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         asynchronous = isinstance(writer, AsyncEngine)
@@ -266,6 +269,7 @@ class ReplicaRouter:
         """A bind for the transaction runner: each run on a reader chosen then."""
         self.writes = Route(self, read_only=False)
         """A bind for the transaction runner: each run on the writer."""
+        _RouterMetrics.register(self, meter_provider)
         event.listen(self._sync_writer, "commit", self._committed)
         for reader in self._readers:
             event.listen(reader.sync_engine, "handle_error", _suspect(reader, clock))
@@ -645,3 +649,82 @@ class RoutingSession(Session):
 def _mark_read_only(session: RoutingSession, transaction: Any, connection: Connection) -> None:
     if session.read_only:
         connection.execution_options(**_READ_ONLY)
+
+
+class _RouterMetrics:
+    """Observable instruments over every live router of one meter provider: read when the
+    metrics are collected, so routing itself records nothing."""
+
+    _by_provider: ClassVar[weakref.WeakKeyDictionary[Any, _RouterMetrics]] = (
+        weakref.WeakKeyDictionary()
+    )
+    _global: ClassVar[_RouterMetrics | None] = None
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, meter: Any) -> None:
+        self.routers: weakref.WeakSet[ReplicaRouter] = weakref.WeakSet()
+        meter.create_observable_counter(
+            "fault_tolerant_pool.router.reads",
+            callbacks=[self._reads],
+            unit="{transaction}",
+            description="Read-only transactions routed, by server (a reader; the writer, and why)",
+        )
+        meter.create_observable_counter(
+            "fault_tolerant_pool.router.skipped",
+            callbacks=[self._skipped],
+            unit="{transaction}",
+            description="Times a reader was passed over, by reason (lag, down)",
+        )
+        meter.create_observable_gauge(
+            "fault_tolerant_pool.router.replica_lag",
+            callbacks=[self._lag],
+            unit="s",
+            description="Seconds a reader was behind at its last check",
+        )
+
+    @classmethod
+    def register(cls, router: ReplicaRouter, meter_provider: Any) -> None:
+        with cls._lock:
+            global_provider = metrics.get_meter_provider()
+            if meter_provider is None or meter_provider is global_provider:
+                if cls._global is None:
+                    cls._global = cls(global_provider.get_meter(INSTRUMENTATION_NAME, _version()))
+                chosen = cls._global
+            else:
+                found = cls._by_provider.get(meter_provider)
+                if found is None:
+                    found = cls(meter_provider.get_meter(INSTRUMENTATION_NAME, _version()))
+                    cls._by_provider[meter_provider] = found
+                chosen = found
+            chosen.routers.add(router)
+
+    def _reads(self, options: Any) -> Iterator[metrics.Observation]:
+        for router in list(self.routers):
+            writer = _name(router._sync_writer)
+            for reader in router._readers:
+                yield metrics.Observation(reader.reads, {_SERVER: reader.name, _ROUTE: "reader"})
+            fallback = {_SERVER: writer, _ROUTE: "fallback"}
+            yield metrics.Observation(router._fallbacks, fallback)
+            sticky = {_SERVER: writer, _ROUTE: "read_your_writes"}
+            yield metrics.Observation(router._sticky_reads, sticky)
+
+    def _skipped(self, options: Any) -> Iterator[metrics.Observation]:
+        for router in list(self.routers):
+            for reader in router._readers:
+                yield metrics.Observation(
+                    reader.skipped_for_lag, {_SERVER: reader.name, _REASON: "lag"}
+                )
+                yield metrics.Observation(
+                    reader.skipped_down, {_SERVER: reader.name, _REASON: "down"}
+                )
+
+    def _lag(self, options: Any) -> Iterator[metrics.Observation]:
+        for router in list(self.routers):
+            for reader in router._readers:
+                if reader.lag is not None:
+                    yield metrics.Observation(reader.lag, {_SERVER: reader.name})
+
+
+_SERVER = "fault_tolerant_pool.router.server"
+_ROUTE = "fault_tolerant_pool.router.route"
+_REASON = "fault_tolerant_pool.router.reason"

@@ -803,6 +803,30 @@ class PostgresServer(ChildService):
             time.monotonic() + timeout,
         )
 
+    def delay_replay(self, seconds: float, timeout: float = 10.0) -> None:
+        """Make this standby apply WAL ``seconds`` late (``recovery_min_apply_delay``; 0 turns
+        it off): a replica that lags behind its primary, as under load or a slow disk.
+
+        ``ALTER SYSTEM`` and ``pg_reload_conf()``; returns once a new session sees the value.
+        Transactions committed on the primary from then on are replayed here ``seconds`` after
+        their commit; the standby keeps answering reads, from an older snapshot.
+        """
+        if not self.is_in_recovery():
+            raise ServerError(f"server on port {self.port} is not a standby; no replay to delay")
+        value = f"{round(seconds * 1000)}ms"
+        self.execute(f"ALTER SYSTEM SET recovery_min_apply_delay = '{value}'")
+        self.execute("SELECT pg_reload_conf()")
+
+        def applied() -> bool:
+            shown = self.execute("SHOW recovery_min_apply_delay")[0][0]
+            return (shown == "0") == (seconds == 0)
+
+        self._poll(
+            applied,
+            f"set recovery_min_apply_delay to {value}",
+            time.monotonic() + timeout,
+        )
+
     def _poll(self, condition: Callable[[], bool], what: str, deadline: float) -> None:
         while not condition():
             if time.monotonic() >= deadline:

@@ -1,0 +1,190 @@
+"""Which reader takes a read: the router's choice, without a database and without sleeping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from fault_tolerant_pool import NoReaderAvailable, ReplicaRouter
+from fault_tolerant_pool.replicas import _Reader
+
+from .fakes import Clock
+
+
+def engine(port: int) -> Any:
+    # never connected: the checkers are not started by these tests
+    return create_engine(f"postgresql+psycopg://app:hunter2@db{port}:{port}/app")
+
+
+def router(clock: Clock, readers: int = 2, **kw: Any) -> ReplicaRouter:
+    made = ReplicaRouter(engine(1), [engine(10 + i) for i in range(readers)], clock=clock, **kw)
+    made._started = True  # the tests write what the checkers would have found
+    return made
+
+
+def checked(reader: _Reader, clock: Clock, lag: float = 0.0, role: str = "standby") -> None:
+    reader.last_check_began = clock.now
+    reader.role = role
+    reader.lag = lag
+    reader.checked_at = clock.now
+    reader.checking_since = None
+
+
+def test_reads_go_round_robin_over_the_readers_in_rotation() -> None:
+    clock = Clock()
+    chosen = router(clock, readers=3)
+    for reader in chosen._readers:
+        checked(reader, clock)
+    picks = [chosen.choose(read_only=True).url.port for _ in range(6)]
+    assert picks == [10, 11, 12, 10, 11, 12]
+    assert chosen.choose(read_only=False) is chosen.writer
+    stats = chosen.stats()
+    assert [r.reads for r in stats.readers] == [2, 2, 2]
+    assert (stats.writer_reads, stats.writes) == (0, 1)
+
+
+def test_a_reader_not_checked_yet_or_promoted_or_down_takes_no_reads() -> None:
+    clock = Clock()
+    chosen = router(clock, readers=3)
+    _unchecked, second, third = chosen._readers
+    checked(second, clock, role="primary")  # promoted in a failover
+    checked(third, clock)
+    third.role = "down"
+    assert chosen.choose(read_only=True) is chosen.writer
+    stats = chosen.stats()
+    assert (stats.fallbacks, stats.writer_reads) == (1, 1)
+    assert [r.skipped_down for r in stats.readers] == [1, 1, 1]
+    assert [r.role for r in stats.readers] == ["unknown", "primary", "down"]
+
+
+def test_a_reader_behind_the_limit_is_skipped_for_lag() -> None:
+    clock = Clock()
+    chosen = router(clock, max_replica_lag=1.0)
+    behind, current = chosen._readers
+    checked(behind, clock, lag=1.5)
+    checked(current, clock, lag=0.01)
+    assert {chosen.choose(read_only=True).url.port for _ in range(4)} == {11}
+    assert behind.skipped_for_lag >= 2
+    assert chosen.stats().readers[0].in_rotation is False
+
+
+def test_near_the_limit_a_reader_is_presumed_to_fall_further_behind() -> None:
+    # lag 0.6 of 1.0 at its check: 0.5 s later it may be 1.1 behind (a stopped replay adds a
+    # second a second), so it leaves the rotation before its next check says so
+    clock = Clock()
+    chosen = router(clock, readers=1, max_replica_lag=1.0)
+    [reader] = chosen._readers
+    checked(reader, clock, lag=0.6)
+    assert chosen.choose(read_only=True) is reader.engine
+    clock.now += 0.5
+    assert chosen.choose(read_only=True) is chosen.writer
+    # a reader well under half the limit keeps its measured lag until the next check
+    checked(reader, clock, lag=0.4)
+    clock.now += 0.9
+    assert chosen.choose(read_only=True) is reader.engine
+
+
+def test_a_hung_or_stale_check_takes_a_reader_out() -> None:
+    clock = Clock()
+    chosen = router(clock, readers=1, check_interval=1.0, check_timeout=1.5)
+    [reader] = chosen._readers
+    checked(reader, clock)
+    reader.checking_since = clock.now
+    clock.now += 1.0
+    assert chosen.choose(read_only=True) is reader.engine  # a check in flight, not yet late
+    clock.now += 0.6
+    assert chosen.choose(read_only=True) is chosen.writer  # it hangs: a black hole
+    checked(reader, clock)
+    clock.now += 3.6  # two intervals and a time limit without a check: the checker is stuck
+    assert chosen.choose(read_only=True) is chosen.writer
+
+
+def test_a_disconnect_seen_by_a_request_holds_until_a_later_check() -> None:
+    clock = Clock()
+    chosen = router(clock, readers=1)
+    [reader] = chosen._readers
+    checked(reader, clock)
+    clock.now += 0.2
+    reader.suspect_at = clock.now
+    assert chosen.choose(read_only=True) is chosen.writer
+    clock.now += 0.5
+    checked(reader, clock)  # a check that began after the disconnect vouches for it again
+    assert chosen.choose(read_only=True) is reader.engine
+
+
+def test_a_reader_whose_pool_fails_to_connect_is_skipped() -> None:
+    class Gate:
+        state = "failing"
+
+    clock = Clock()
+    chosen = router(clock, readers=1)
+    [reader] = chosen._readers
+    checked(reader, clock)
+    reader.gate = Gate()
+    assert chosen.choose(read_only=True) is chosen.writer
+    Gate.state = "healthy"
+    assert chosen.choose(read_only=True) is reader.engine
+
+
+def test_reads_after_a_write_in_the_same_context_stay_on_the_writer() -> None:
+    clock = Clock()
+    chosen = router(clock, readers=1, max_replica_lag=2.0, check_interval=1.0)
+    assert chosen.read_your_writes == 3.0  # the lag limit plus an interval, by default
+    [reader] = chosen._readers
+    checked(reader, clock)
+    chosen._wrote_at.set(clock.now)  # what the writer's commit event does
+    clock.now += 2.9
+    assert chosen.choose(read_only=True) is chosen.writer
+    clock.now += 0.2
+    checked(reader, clock)
+    assert chosen.choose(read_only=True) is reader.engine
+    stats = chosen.stats()
+    assert (stats.read_your_writes, stats.fallbacks) == (1, 0)
+
+
+def test_without_fallback_no_reader_is_a_typed_error_without_secrets() -> None:
+    clock = Clock()
+    chosen = router(clock, readers=2, fallback_to_writer=False)
+    with pytest.raises(NoReaderAvailable) as raised:
+        chosen.choose(read_only=True)
+    assert "fallback_to_writer" in str(raised.value)
+    assert "db10:10/app: unknown" in str(raised.value)
+    assert "hunter2" not in str(raised.value) and "hunter2" not in repr(chosen)
+
+
+def test_no_reader_at_all_sends_reads_to_the_writer() -> None:
+    clock = Clock()
+    chosen = router(clock, readers=0)
+    assert chosen.choose(read_only=True) is chosen.writer
+
+
+@pytest.mark.parametrize(
+    ("kw", "named"),
+    [
+        ({"max_replica_lag": -1}, "max_replica_lag"),
+        ({"max_replica_lag": "soon"}, "max_replica_lag"),
+        ({"check_interval": 0}, "check_interval"),
+        ({"check_timeout": -2}, "check_timeout"),
+        ({"read_your_writes": -1}, "read_your_writes"),
+        ({"fallback_to_writer": "no"}, "fallback_to_writer"),
+    ],
+)
+def test_bad_settings_name_the_parameter(kw: dict[str, Any], named: str) -> None:
+    with pytest.raises(ArgumentError, match=named):
+        ReplicaRouter(engine(1), [engine(2)], **kw)
+
+
+def test_engines_must_be_all_sync_or_all_async() -> None:
+    async_engine = create_async_engine("postgresql+asyncpg://app@db/app")
+    with pytest.raises(ArgumentError, match=r"readers\[1\] must be an Engine"):
+        ReplicaRouter(engine(1), [engine(2), async_engine])
+    with pytest.raises(ArgumentError, match="readers must be a list"):
+        ReplicaRouter(engine(1), engine(2))  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="writer must be"):
+        ReplicaRouter("postgresql://db/app", [])  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="async_sessionmaker"):
+        ReplicaRouter(engine(1), []).async_sessionmaker()
