@@ -126,6 +126,7 @@ class _Reader:
     """One reader's engine and what its checker last found (written by the checker only)."""
 
     __slots__ = (
+        "check_engine",
         "checked_at",
         "checking_since",
         "engine",
@@ -147,6 +148,7 @@ class _Reader:
         tolerance = getattr(self.sync_engine.pool, "_fault_tolerance", None)
         self.gate = None if tolerance is None else tolerance.gate
         self.name = _name(self.sync_engine)
+        self.check_engine: Engine | AsyncEngine | None = None
         self.role = "unknown"
         self.lag: float | None = None
         self.checked_at = -1e18
@@ -182,6 +184,15 @@ class _Reader:
         if lag > max_lag:
             return "lag"
         return None
+
+
+def _check_engine(reader: _Reader) -> Engine | AsyncEngine:
+    """An engine of the checker's own on the reader's pool configuration (``recreate()``: the
+    same creator, credentials and settings): a check never queues behind the requests for a
+    slot of a busy reader's pool, which would look like a server too slow to answer."""
+    sync = reader.sync_engine
+    engine = Engine(sync.pool.recreate(), sync.dialect, sync.url, logging_name=sync.logging_name)
+    return AsyncEngine(engine) if isinstance(reader.engine, AsyncEngine) else engine
 
 
 def _name(engine: Engine) -> str:
@@ -410,6 +421,7 @@ class ReplicaRouter:
                 self._first_round = ready
                 pending = [len(self._readers)]
                 for reader in self._readers:
+                    reader.check_engine = _check_engine(reader)
                     task = loop.create_task(self._check_forever_async(reader, ready, pending))
                     self._tasks.append(task)
                 if not self._readers:
@@ -419,6 +431,7 @@ class ReplicaRouter:
                 self._first_round = first
                 pending = [len(self._readers)]
                 for reader in self._readers:
+                    reader.check_engine = _check_engine(reader)
                     thread = threading.Thread(
                         target=_check_forever_sync,
                         args=(weakref.ref(self), reader, first, pending),
@@ -462,7 +475,7 @@ class ReplicaRouter:
     async def _check_forever_async(
         self, reader: _Reader, ready: asyncio.Event, pending: list[int]
     ) -> None:
-        engine = reader.engine
+        engine = reader.check_engine
         assert isinstance(engine, AsyncEngine)
         first = True
         while not self._closed:
@@ -508,11 +521,27 @@ class ReplicaRouter:
         )
 
     def close(self) -> None:
-        """Stop the checkers (the engines stay open: they are the application's)."""
+        """Stop the checkers and close their connections (the engines given to the router stay
+        open: they are the application's). An async router: prefer ``await aclose()``, which
+        also waits for its checker tasks to end."""
         self._closed = True
         self._stop.set()
         for task in self._tasks:
             task.cancel()
+        for thread in self._threads:
+            thread.join(self.check_timeout)
+        if not self.asynchronous:
+            for reader in self._readers:
+                if isinstance(reader.check_engine, Engine):
+                    reader.check_engine.dispose()
+
+    async def aclose(self) -> None:
+        """:meth:`close` for an async router, from its event loop."""
+        self.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for reader in self._readers:
+            if isinstance(reader.check_engine, AsyncEngine):
+                await reader.check_engine.dispose()
 
     def __repr__(self) -> str:
         return f"<ReplicaRouter writer={_name(self._sync_writer)} readers=[{self._describe()}]>"
@@ -532,7 +561,7 @@ async def _check_async(engine: AsyncEngine) -> Any:
 def _check_forever_sync(
     ref: weakref.ref[ReplicaRouter], reader: _Reader, first: threading.Event, pending: list[int]
 ) -> None:
-    engine = reader.engine
+    engine = reader.check_engine
     assert isinstance(engine, Engine)
     announced = False
     while True:
