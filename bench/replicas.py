@@ -296,8 +296,9 @@ def print_runs(rows: list[dict[str, Any]]) -> None:
             notes.append(f"standby 1 stopped at {row['marks'].get('stopped')}s, "
                          f"reads again {row['standby1_back_after']}s after its start")  # fmt: skip
         if "last_read_on_delayed_after" in row:
-            notes.append(f"last read on the delayed standby {row['last_read_on_delayed_after']}s "
-                         f"after the delay began; back {row['delayed_back_after']}s after it ended")  # fmt: skip
+            last, back = row["last_read_on_delayed_after"], row["delayed_back_after"]
+            notes.append(f"last read on the delayed standby {last}s after the delay began; "
+                         f"back {back}s after it ended")  # fmt: skip
         print(f"{row['scenario']:<8} {row['driver']:<8} {row['reads']:>7} {row['failed_reads']:>6} "
               f"{row['on_standbys']:>9.1%} {by['primary']:>8.1%} {by['standby 1']:>6.1%} "
               f"{by['standby 2']:>6.1%}  {'; '.join(notes)}")  # fmt: skip
@@ -317,28 +318,25 @@ def print_timeline(row: dict[str, Any]) -> None:
 
 def bars(rows: list[dict[str, Any]], costs: list[dict[str, Any]]) -> None:
     print("\nissue 23's bar:")
+
+    def verdict(driver: str, what: str, ok: bool) -> None:
+        print(f"  {driver:<8} {what}: {'met' if ok else 'MISSED'}")
+
     for row in rows:
+        driver = row["driver"]
         if row["scenario"] == "spread":
-            ok = row["on_standbys"] >= 0.90
-            print(
-                f"  {row['driver']:<8} reads on standbys {row['on_standbys']:.1%} (>= 90 %): {'met' if ok else 'MISSED'}"
-            )
+            share = row["on_standbys"]
+            verdict(driver, f"reads on standbys {share:.1%} (>= 90 %)", share >= 0.90)
         if row["scenario"] == "stop":
-            ok = row["failed_reads"] == 0
-            print(
-                f"  {row['driver']:<8} a standby stopped: {row['failed_reads']} failed reads (0): {'met' if ok else 'MISSED'}"
-            )
+            failed = row["failed_reads"]
+            verdict(driver, f"a standby stopped: {failed} failed reads (0)", failed == 0)
         if row["scenario"] == "lag":
             last = row["last_read_on_delayed_after"]
-            ok = last is None or last <= 2.0
-            print(
-                f"  {row['driver']:<8} delayed standby's last read {last}s after the delay (<= 2 s): {'met' if ok else 'MISSED'}"
-            )
+            what = f"the delayed standby's last read {last}s after the delay (<= 2 s)"
+            verdict(driver, what, last is None or last <= 2.0)
     for figure in costs:
-        ok = figure["ratio_median"] >= 0.97
-        print(
-            f"  {figure['driver']:<8} routed/direct throughput {figure['ratio_median']:.3f} (>= 0.97): {'met' if ok else 'MISSED'}"
-        )
+        ratio = figure["ratio_median"]
+        verdict(figure["driver"], f"routed/direct throughput {ratio:.3f} (>= 0.97)", ratio >= 0.97)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -370,7 +368,8 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"\n{'driver':<8} {'direct ops/s':>13} {'routed ops/s':>13} {'ratio':>6}  rounds")
         for figure in costs:
             rounds = " ".join(f"{r:.3f}" for r in figure["ratios"])
-            print(f"{figure['driver']:<8} {figure['direct_median']:>13.0f} {figure['routed_median']:>13.0f} "
+            direct, routed = figure["direct_median"], figure["routed_median"]
+            print(f"{figure['driver']:<8} {direct:>13.0f} {routed:>13.0f} "
                   f"{figure['ratio_median']:>6.3f}  {rounds}")  # fmt: skip
     bars(rows, costs)
     if args.json:
