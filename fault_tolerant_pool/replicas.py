@@ -666,8 +666,14 @@ class RoutingSession(Session):
     def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
         transaction = self.get_transaction()
         route = self._route
-        if route is not None and route[0] is transaction and transaction is not None:
-            return route[1]
+        if route is not None:
+            if route[0] is transaction and transaction is not None:
+                return route[1]
+            if route[0] is None and transaction is not None:
+                # SQLAlchemy asks for the bind of a transaction's first statement before it
+                # begins the transaction: that choice is this transaction's.
+                self._route = (transaction, route[1])
+                return route[1]
         chosen = self.router.choose(self.read_only)
         engine = chosen.sync_engine if isinstance(chosen, AsyncEngine) else chosen
         self._route = (transaction, engine)
