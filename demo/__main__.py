@@ -1,5 +1,6 @@
 """``python -m demo``: serve the demo; ``python -m demo restart-db``: restart its embedded database;
-``python -m demo failover-db``: fail it over to its standby.
+``python -m demo failover-db``: fail it over to its standby; ``python -m demo chaos-db``: the
+chaos mix (sessions terminated, a restart, a crash, sessions terminated again).
 
     python -m demo                      # throwaway PostgreSQL and standby, http://127.0.0.1:8000/
     DATABASE_URL=postgresql://app:pw@db/app python -m demo
@@ -7,6 +8,7 @@
     python -m demo restart-db --down-for 3       # from a second terminal
     python -m demo failover-db --gap 1           # writer read-only, standby promoted 1 s later
     python -m demo rebuild-standby               # after a failover: a new standby, same port
+    python -m demo chaos-db --pause 5            # four faults in a row, 5 s apart
     python -m demo --patroni            # on a throwaway Patroni cluster (etcd, 2 nodes, HAProxy)
 
 Ctrl-C stops the server and everything it started.
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return failover_db(args.url, args.gap, wait=not args.no_wait)
     if args.command == "rebuild-standby":
         return rebuild_standby(args.url, wait=not args.no_wait)
+    if args.command == "chaos-db":
+        return chaos_db(args.url, args.pause, wait=not args.no_wait)
     try:
         settings = Settings.from_environ(
             os.environ,
@@ -74,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "command", nargs="?", default="serve",
-        choices=["serve", "restart-db", "failover-db", "rebuild-standby"],
+        choices=["serve", "restart-db", "failover-db", "rebuild-standby", "chaos-db"],
     )  # fmt: skip
     parser.add_argument("--host", help="listen address (DEMO_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (DEMO_PORT, default 8000; 0: any)")
@@ -111,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     failover.add_argument(
         "--gap", type=float, default=1.0,
         help="seconds between turning the writer read-only and promoting the standby (default 1)",
+    )  # fmt: skip
+    chaos = parser.add_argument_group("chaos-db")
+    chaos.add_argument(
+        "--pause", type=float, default=5.0,
+        help="seconds between the chaos mix's steps (0.5-30, default 5: about 20 s in all)",
     )  # fmt: skip
     return parser
 
@@ -312,6 +321,8 @@ def _print_banner(settings: Settings, port: int, embedded: Any, patroni: Any = N
         if embedded.standby is not None:
             failover = "python -m demo failover-db" + (f" --url {base}" if port != 8000 else "")
             lines.append(f"  failover   {failover}   (or the button on the page)")
+        chaos = "python -m demo chaos-db" + (f" --url {base}" if port != 8000 else "")
+        lines.append(f"  chaos      {chaos}   (or the button on the page)")
     if patroni is not None:
         lines.append("  faults     the page's buttons: Switch over, Kill the leader's postmaster")
     lines += ["Ctrl-C stops everything.", ""]
@@ -373,16 +384,13 @@ def restart_db(url: str | None, down_for: float, wait: bool = True) -> int:
     return 1
 
 
-
 # --------------------------------------------------------------------------------------------------
 # failover-db, rebuild-standby
 
 
 def _post(base: str, path: str, action: str) -> tuple[int, dict[str, Any]]:
     """POST an action to the running demo: (status, JSON body); status 0 if nothing answers."""
-    request = urllib.request.Request(
-        base + path, method="POST", headers={"X-Demo-Action": action}
-    )
+    request = urllib.request.Request(base + path, method="POST", headers={"X-Demo-Action": action})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.load(response)
@@ -438,8 +446,11 @@ def failover_db(url: str | None, gap: float, wait: bool = True) -> int:
         return 0
     database = _wait_database(
         base,
-        lambda d: len(d["failovers"]) >= number
-        and d["failovers"][number - 1]["promoted_at"] is not None and d["state"] == "running",
+        lambda d: (
+            len(d["failovers"]) >= number
+            and d["failovers"][number - 1]["promoted_at"] is not None
+            and d["state"] == "running"
+        ),
         gap + 60,
     )
     if database is None:
@@ -472,6 +483,50 @@ def rebuild_standby(url: str | None, wait: bool = True) -> int:
         print("demo: the standby was not rebuilt; see the demo's log", file=sys.stderr)
         return 1
     print(f"done: 127.0.0.1:{port} is a standby again; python -m demo failover-db fails back.")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# chaos-db
+
+
+def chaos_db(url: str | None, pause: float, wait: bool = True) -> int:
+    """Ask the running demo for the chaos mix; print each step as it ends, then the outcome."""
+    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
+    status, answer = _post(base, f"/_demo/chaos?pause={pause}", "chaos")
+    if status != 202:
+        return _refused(base, "run the chaos mix on", status, answer)
+    number = answer["chaos"]
+    print(f"chaos mix {number} on 127.0.0.1:{answer['port']}: {', '.join(answer['steps'])}, "
+          f"{pause:g}s apart ...", flush=True)  # fmt: skip
+    if not wait:
+        return 0
+    reported: set[int] = set()
+
+    def report(database: dict[str, Any]) -> bool:
+        chaos = database.get("chaos") or {}
+        steps = [s for s in chaos.get("steps", []) if s["run"] == number]
+        for step in steps:
+            if step["done_at"] is not None and step["step"] not in reported:
+                reported.add(step["step"])
+                took = step["done_at"] - step["started_at"]
+                outcome = step["detail"] or f"failed: {step['error']}"
+                print(f"  step {step['step']}/{step['of']} {step['label']}: {outcome} "
+                      f"({took:.2f}s)", flush=True)  # fmt: skip
+        return not chaos.get("running") and database["state"] == "running"
+
+    if _wait_database(base, report, 4 * pause + 90) is None:
+        print("demo: the chaos mix did not finish; see the demo's log", file=sys.stderr)
+        return 1
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+            health = json.load(response)
+    except (urllib.error.URLError, OSError):
+        return 0
+    requests, pool = health["requests"], health["pool"]
+    print(f"done. Requests so far: {requests['ok']} ok, {requests['unavailable']} answered 503; "
+          f"writes run again: {pool.get('transaction_retries', 0)}, outcomes unknown: "
+          f"{pool.get('outcomes_unknown', 0)}.")  # fmt: skip
     return 0
 
 

@@ -10,6 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ from fault_tolerant_pool import (
     DatabaseUnreachable,
     PoolClosed,
     PoolStats,
+    TransactionOutcomeUnknown,
     shutdown,
 )
 
 from . import db
-from .embedded import EmbeddedDatabase
+from .embedded import CHAOS_STEPS, EmbeddedDatabase
 from .patroni import LEADER_INTERVAL, PatroniDemo
 from .settings import Settings
 from .telemetry import PoolCollector, RequestCounters, RequestObserver, db_span, render_metrics
@@ -42,12 +44,16 @@ SAMPLE_INTERVAL = 1.0
 HISTORY_LENGTH = 600
 #: A connect failure this recent makes /health say "degraded".
 DEGRADED_FOR = 10.0
+#: The chaos steps /health lists (the latest; every step of the last few mixes).
+CHAOS_STEPS_SHOWN = 24
 #: Header the restart endpoint requires: a cross-site form cannot send it without a CORS
 #: preflight, which this app never grants.
 ADMIN_HEADER = "x-demo-action"
 
 #: "cannot execute ... in a read-only transaction": the writer was demoted under the statement.
 READ_ONLY_SQLSTATE = "25006"
+#: The reason of a write whose COMMIT was cut in flight (``TransactionOutcomeUnknown``).
+OUTCOME_UNKNOWN = "outcome_unknown"
 
 _PAGE = Path(__file__).with_name("static") / "index.html"
 
@@ -152,6 +158,8 @@ class DemoState:
             "slowest_ms": round(requests.take_slowest() * 1000, 1),
             "oldest_checkout_s": _rounded(stats.oldest_checkout_age if stats else None),
             "leaks": stats.leaks if stats else 0,
+            "retries": stats.transaction_retries if stats else 0,
+            "unknown": stats.outcomes_unknown if stats else 0,
             "db": self.db_state,
         }
 
@@ -198,6 +206,10 @@ class DemoState:
                     "fast_failures": stats.fast_failures,
                     "waiting": stats.waiting,
                     "rejected_waiting": stats.rejected_waiting,
+                    # the transaction runner (issue 22): writes run again after a failure that
+                    # left nothing behind, and those whose COMMIT was cut in flight
+                    "transaction_retries": stats.transaction_retries,
+                    "outcomes_unknown": stats.outcomes_unknown,
                     "last_error": None if last is None else {
                         "class": last.error_class,
                         "sqlstate": last.sqlstate,
@@ -232,6 +244,12 @@ class DemoState:
             # The embedded servers run on this machine for the demo alone: their ports are
             # what the page shows to tell them apart.
             database["can_fail_over"] = embedded.can_fail_over
+            database["busy"] = embedded.restarting
+            database["chaos"] = {
+                "runs": embedded.chaos_runs,
+                "running": embedded.chaos_running,
+                "steps": [asdict(step) for step in embedded.chaos_steps[-CHAOS_STEPS_SHOWN:]],
+            }
             database["servers"] = embedded.servers()
             database["failovers"] = [
                 {"number": f.number, "from_port": f.from_port, "to_port": f.to_port,
@@ -246,11 +264,16 @@ class DemoState:
             "pool": pool,
             "database": database,
             "requests": self.requests.as_dict(),
+            # POST /notes/ runs in the transaction runner; idempotent: a COMMIT cut in flight is
+            # run again too (the write carries a key of its own)
+            "writes": {"idempotent": self.settings.idempotent_writes},
         }
 
 
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 2)
+
+
 def first_host(url: URL) -> tuple[str | None, int | None]:
     """The host and port of a URL; of its first host for a multi-host URL (``?host=h1:p1&...``)."""
     hosts = url.query.get("host")
@@ -271,6 +294,19 @@ def database_error_body(exc: BaseException) -> dict[str, Any]:
     Driver messages can carry host names, user names or (before scrubbing) connection strings;
     the reason is built from structured fields only.
     """
+    if isinstance(exc, TransactionOutcomeUnknown):
+        # Not "unavailable": the write may have been committed. No Retry-After either, as
+        # sending it again may write it twice.
+        return {
+            "error": "outcome unknown",
+            "reason": OUTCOME_UNKNOWN,
+            "detail": (
+                f"the connection broke while COMMIT was in flight (run {exc.attempts}): the write "
+                "may or may not have been committed, and it was not run again"
+            ),
+            "error_class": type(exc.orig).__name__,
+            "sqlstate": _sqlstate(exc.orig),
+        }
     if isinstance(exc, PoolClosed):
         return {
             "error": "database unavailable",
@@ -422,6 +458,8 @@ def create_app(
                         await task
             if patroni is not None:
                 patroni.stop_actions()  # a restore under way gives up within seconds
+            if database is not None:
+                database.stop_actions()  # a chaos mix under way ends after its current step
             if state.database_task is not None:
                 with contextlib.suppress(Exception):
                     await state.database_task
@@ -461,7 +499,8 @@ def create_app(
             request.method, request.url.path, body["reason"], body["error_class"],
             body["sqlstate"],
         )  # fmt: skip
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+        unknown = body["reason"] == OUTCOME_UNKNOWN
+        return JSONResponse(body, status_code=503, headers={} if unknown else {"Retry-After": "1"})
 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -487,9 +526,10 @@ def create_app(
 
     @app.post("/notes/", status_code=201)
     async def add_note(note: NoteIn) -> dict[str, Any]:
-        """Write a row; its id comes back."""
+        """Write a row as one unit of work in the transaction runner (run again on a fresh
+        connection when a fault cut it); its id and the server that took it come back."""
         with db_span("INSERT", "demo_notes", server):
-            written = await db.add_note(engine(), note.text)
+            written = await db.add_note(engine(), note.text, idempotent=settings.idempotent_writes)
         if state.patroni is not None:
             state.count_write(written)
         return written
@@ -589,9 +629,7 @@ def create_app(
             if not database.begin_restart():
                 raise HTTPException(409, "a restart is already under way")
             number = len(database.restarts) + 1
-            state.database_task = asyncio.create_task(
-                asyncio.to_thread(database.restart, down_for)
-            )
+            state.database_task = asyncio.create_task(asyncio.to_thread(database.restart, down_for))
             return {"restart": number, "down_for": down_for, "state": "stopping"}
 
         @app.post("/_demo/failover", status_code=202)
@@ -612,6 +650,26 @@ def create_app(
                 "state": "failing over",
             }
             state.database_task = asyncio.create_task(asyncio.to_thread(database.failover, gap))
+            return answer
+
+        @app.post("/_demo/chaos", status_code=202)
+        async def chaos(
+            request: Request, pause: float = Query(5.0, ge=0.5, le=30.0)
+        ) -> dict[str, Any]:
+            """The chaos mix on the writer, steps ``pause`` seconds apart: terminate every
+            client session, a fast restart (down 2 s), a crash (immediate stop, started again at
+            once), terminate every session again."""
+            admit(request, "chaos")
+            refused = database.begin_chaos()
+            if refused is not None:
+                raise HTTPException(409, refused)
+            answer = {
+                "chaos": database.chaos_runs,
+                "pause": pause,
+                "steps": [kind for kind, _ in CHAOS_STEPS],
+                "port": database.primary.port,
+            }
+            state.database_task = asyncio.create_task(asyncio.to_thread(database.chaos, pause))
             return answer
 
         @app.post("/_demo/rebuild-standby", status_code=202)

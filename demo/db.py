@@ -10,9 +10,15 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from fault_tolerant_pool import FaultTolerantNullPool, FaultTolerantQueuePool, PoolStats
+from fault_tolerant_pool import (
+    FaultTolerantNullPool,
+    FaultTolerantQueuePool,
+    PoolStats,
+    run_transaction_async,
+)
 
 from .settings import Settings
 
@@ -25,6 +31,9 @@ notes = sa.Table(
     sa.Column("id", sa.BigInteger, primary_key=True),
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # The write's own key (unique): the insert runs again after a COMMIT cut in flight without
+    # writing the note twice. NULL in rows written before the column existed.
+    sa.Column("request_key", sa.Text, nullable=True),
 )
 
 #: Two demos (pooled and through PgBouncer) may start at once on one database: the advisory
@@ -38,6 +47,9 @@ _SCHEMA = [
         " body text NOT NULL,"
         " created_at timestamptz NOT NULL DEFAULT now())"
     ),
+    # A table made by an earlier version of the demo (a compose volume) gets the key too.
+    sa.text("ALTER TABLE demo_notes ADD COLUMN IF NOT EXISTS request_key text"),
+    sa.text("CREATE UNIQUE INDEX IF NOT EXISTS demo_notes_request_key ON demo_notes (request_key)"),
 ]
 
 
@@ -124,21 +136,41 @@ async def server_version(engine: AsyncEngine) -> str:
     return version
 
 
-async def add_note(engine: AsyncEngine, body: str) -> dict[str, Any]:
-    async with engine.begin() as conn:
-        row = (
-            await conn.execute(
-                sa.insert(notes)
-                .values(body=body, created_at=sa.func.now())
-                .returning(
-                    notes.c.id,
-                    notes.c.body,
-                    notes.c.created_at,
-                    sa.func.inet_server_port().label("server_port"),
-                    sa.func.pg_is_in_recovery().label("server_in_recovery"),
-                )
-            )
-        ).one()
+async def add_note(
+    engine: AsyncEngine, body: str, *, idempotent: bool = True, request_key: str | None = None
+) -> dict[str, Any]:
+    """Write a note as one unit of work (``run_transaction_async``); which server took it too.
+
+    A statement cut by a restart, a crash, a terminated session or a demoted writer before
+    COMMIT was sent leaves nothing behind: the runner runs the unit of work again on a fresh
+    connection, and the caller gets its note. A connection lost while COMMIT was in flight
+    leaves the outcome unknown. With ``idempotent`` (the default) the insert carries a key of
+    its own (``request_key``, new for each call unless given), so running it again cannot
+    write the note twice: the runner runs it again after that failure too, and a run that finds
+    the key already stored answers the row an earlier run committed. Without, that failure
+    raises ``TransactionOutcomeUnknown``: the note may or may not be stored.
+    """
+    key = request_key if request_key is not None else uuid.uuid4().hex
+    written = (
+        notes.c.id,
+        notes.c.body,
+        notes.c.created_at,
+        sa.func.inet_server_port().label("server_port"),
+        sa.func.pg_is_in_recovery().label("server_in_recovery"),
+    )
+    insert = postgresql.insert(notes).values(body=body, created_at=sa.func.now(), request_key=key)
+    if idempotent:
+        insert = insert.on_conflict_do_nothing(index_elements=[notes.c.request_key])
+    statement = insert.returning(*written)
+    already = sa.select(*written).where(notes.c.request_key == key)
+
+    async def write(conn: AsyncConnection) -> Any:
+        row = (await conn.execute(statement)).one_or_none()
+        if row is None:  # an earlier run committed it; the answer to its COMMIT was lost
+            row = (await conn.execute(already)).one()
+        return row
+
+    row = await run_transaction_async(engine, write, idempotent=idempotent)
     # Which server took the write: the page shows writes moving to a new primary.
     return {
         **_note(row),

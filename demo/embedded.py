@@ -1,12 +1,12 @@
 """The throwaway PostgreSQL the demo starts when no ``DATABASE_URL`` is given: a primary, by default
 a streaming hot standby beside it, and what the page's buttons do to them (restart, fail over,
-rebuild the standby)."""
+rebuild the standby, the chaos mix)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fault_tolerant_pool.testing import PostgresServer, PsqlError, ServerUnavailable, multi_host_url
@@ -33,6 +33,33 @@ class Failover:
     to_port: int
     demoted_at: float
     promoted_at: float | None
+
+
+ChaosKind = Literal["terminate", "restart", "crash"]
+
+#: The chaos mix: (kind, what the page says). Spaced ``pause`` seconds apart.
+CHAOS_STEPS: tuple[tuple[ChaosKind, str], ...] = (
+    ("terminate", "terminate every client session (pg_terminate_backend)"),
+    ("restart", "fast restart, down {down_for:g} s"),
+    ("crash", "crash: immediate stop, started again at once (crash recovery)"),
+    ("terminate", "terminate every client session again"),
+)
+
+
+@dataclass(frozen=True)
+class ChaosStep:
+    """One step of a chaos mix (epoch s): ``detail`` says what it did, ``error`` why it failed."""
+
+    run: int
+    step: int
+    of: int
+    kind: ChaosKind
+    label: str
+    port: int
+    started_at: float
+    done_at: float | None = None
+    detail: str | None = None
+    error: str | None = None
 
 
 class EmbeddedDatabase:
@@ -65,6 +92,11 @@ class EmbeddedDatabase:
         self.state: DatabaseState = "starting"
         self.restarts: list[Restart] = []
         self.failovers: list[Failover] = []
+        #: Every step of every chaos mix, in order; ``chaos_runs`` counts the mixes begun.
+        self.chaos_steps: list[ChaosStep] = []
+        self.chaos_runs = 0
+        self.chaos_running = False
+        self._stopping = threading.Event()
         self.ports = self._ports()
         #: Why :meth:`start` could not make the standby it was asked for (``None``: it did).
         self.no_standby_reason: str | None = None
@@ -124,6 +156,19 @@ class EmbeddedDatabase:
         """Claim the right to fail over; the reason it cannot, or None."""
         return self._claim(need_standby=True)
 
+    def begin_chaos(self) -> str | None:
+        """Claim the right to run the chaos mix; the reason it cannot, or None."""
+        refused = self._claim()
+        if refused is None:
+            self._stopping.clear()
+            self.chaos_runs += 1
+            self.chaos_running = True
+        return refused
+
+    def stop_actions(self) -> None:
+        """The demo is stopping: a chaos mix under way ends after its current step."""
+        self._stopping.set()
+
     def begin_rebuild(self) -> str | None:
         """Claim the right to rebuild the standby; the reason it cannot, or None."""
         return self._claim(need_standby=False)
@@ -178,6 +223,57 @@ class EmbeddedDatabase:
             raise
         finally:
             self._release()
+
+    def chaos(self, pause: float = 5.0, down_for: float = 2.0) -> None:
+        """The chaos mix on the current writer, each step ``pause`` seconds after the previous
+        one ended: terminate every client session, a fast restart (down ``down_for`` s), a crash
+        (immediate stop, started again at once), terminate every session again. About 20 s with
+        the defaults. Each step is recorded in :attr:`chaos_steps` as it begins and ends.
+
+        Blocking: run it in a thread; call :meth:`begin_chaos` first. :meth:`stop_actions` ends
+        it after the current step.
+        """
+        run = self.chaos_runs
+        try:
+            for index, (kind, label) in enumerate(CHAOS_STEPS, start=1):
+                if index > 1 and self._stopping.wait(pause):
+                    break
+                server = self.primary
+                step = ChaosStep(
+                    run, index, len(CHAOS_STEPS), kind, label.format(down_for=down_for),
+                    server.port, time.time(),
+                )  # fmt: skip
+                self.chaos_steps.append(step)
+                position = len(self.chaos_steps) - 1
+                try:
+                    detail = self._chaos_step(kind, server, down_for)
+                except BaseException as exc:
+                    self.chaos_steps[position] = replace(
+                        step, done_at=time.time(), error=f"{type(exc).__name__}: {exc}"[:300]
+                    )
+                    raise
+                self.chaos_steps[position] = replace(step, done_at=time.time(), detail=detail)
+        except BaseException:
+            self.state = "failed"
+            raise
+        finally:
+            self.chaos_running = False
+            self._release()
+
+    def _chaos_step(self, kind: ChaosKind, server: PostgresServer, down_for: float) -> str:
+        if kind == "terminate":
+            count = server.terminate_backends()
+            return f"{count} session{'s' if count != 1 else ''} terminated"
+        self.state = "stopping"
+        server.stop("fast" if kind == "restart" else "immediate")
+        stopped = time.monotonic()
+        self.state = "down"
+        if kind == "restart":
+            time.sleep(down_for)
+        self.state = "starting"
+        server.start()
+        self.state = "running"
+        return f"accepting connections again {time.monotonic() - stopped:.2f} s after the stop"
 
     def rebuild_standby(self) -> None:
         """Replace the demoted server by a fresh standby of the writer, on the same port.

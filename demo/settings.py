@@ -36,6 +36,9 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "reported as a leak (default 10)",
     "DEMO_SHUTDOWN_TIMEOUT": "on Ctrl-C or SIGTERM, seconds in-flight requests and checked-out "
     "connections get to finish (default 10)",
+    "DEMO_IDEMPOTENT_WRITES": "on (default) or off: a write carries a key of its own, so the "
+    "transaction runner runs it again after a COMMIT cut in flight too; off: that write answers "
+    "503 outcome_unknown",
     "OTEL_SERVICE_NAME": "service name of traces and metrics (default fault-tolerant-pool-demo)",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "send traces over OTLP/HTTP there, e.g. http://jaeger:4318",
 }
@@ -106,6 +109,9 @@ class Settings:
     """How the engine reaches the Patroni cluster: HAProxy's read-write port or a multi-host URL."""
     leak_threshold: float = 10.0
     shutdown_timeout: float = 10.0
+    idempotent_writes: bool = True
+    """``POST /notes/`` is declared idempotent (a key per write): a COMMIT cut in flight is run
+    again instead of answered ``503 outcome_unknown``."""
     service_name: str = "fault-tolerant-pool-demo"
     otlp_endpoint: str | None = None
 
@@ -155,6 +161,7 @@ class Settings:
             ("patroni_route", "DEMO_PATRONI_ROUTE", lambda v: v.strip().lower()),
             ("leak_threshold", "DEMO_LEAK_THRESHOLD", float),
             ("shutdown_timeout", "DEMO_SHUTDOWN_TIMEOUT", float),
+            ("idempotent_writes", "DEMO_IDEMPOTENT_WRITES", _switch),
             ("service_name", "OTEL_SERVICE_NAME", str),
             ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", str),
         ):

@@ -318,6 +318,12 @@ class PoolCollector(Collector):
              stats.fast_failures),
             ("demo_pool_outages", "Outages that ended (connects succeeded again)",
              stats.outages),
+            ("demo_pool_transaction_retries",
+             "Units of work the transaction runner ran again on a fresh connection",
+             stats.transaction_retries),
+            ("demo_pool_outcomes_unknown",
+             "Units of work whose COMMIT was cut in flight (outcome unknown)",
+             stats.outcomes_unknown),
         ):  # fmt: skip
             counter = CounterMetricFamily(name, documentation, labels=labels)
             counter.add_metric([self._pool], value)

@@ -133,6 +133,7 @@ class _Reader:
         "gate",
         "lag",
         "last_check_began",
+        "listener",
         "name",
         "reads",
         "role",
@@ -149,6 +150,7 @@ class _Reader:
         self.gate = None if tolerance is None else tolerance.gate
         self.name = _name(self.sync_engine)
         self.check_engine: Engine | AsyncEngine | None = None
+        self.listener: Callable[[Any], None] | None = None
         self.role = "unknown"
         self.lag: float | None = None
         self.checked_at = -1e18
@@ -283,7 +285,8 @@ class ReplicaRouter:
         _RouterMetrics.register(self, meter_provider)
         event.listen(self._sync_writer, "commit", self._committed)
         for reader in self._readers:
-            event.listen(reader.sync_engine, "handle_error", _suspect(reader, clock))
+            reader.listener = _suspect(reader, clock)
+            event.listen(reader.sync_engine, "handle_error", reader.listener)
 
     # -- choosing ----------------------------------------------------------------------------------
 
@@ -522,8 +525,13 @@ class ReplicaRouter:
 
     def close(self) -> None:
         """Stop the checkers and close their connections (the engines given to the router stay
-        open: they are the application's). An async router: prefer ``await aclose()``, which
-        also waits for its checker tasks to end."""
+        open: they are the application's). An async router: call ``await aclose()``, which
+        also waits for its checker tasks to end and closes their connections."""
+        if not self._closed:
+            event.remove(self._sync_writer, "commit", self._committed)
+            for reader in self._readers:
+                if reader.listener is not None:
+                    event.remove(reader.sync_engine, "handle_error", reader.listener)
         self._closed = True
         self._stop.set()
         for task in self._tasks:
@@ -615,8 +623,13 @@ class _AsyncConnect:
             assert isinstance(engine, AsyncEngine)
             connection = engine.connect()
             try:
-                await connection.start()
-            except Exception:
+                if engine is router.writer:
+                    await connection.start()
+                else:
+                    # A reader that stopped a moment ago: its pool would retry the reconnect for
+                    # its whole retry_deadline; another server can serve this read now.
+                    await asyncio.wait_for(connection.start(), router.check_timeout)
+            except (Exception, asyncio.TimeoutError):
                 reader = router._reader_of(engine)
                 if reader is None:
                     raise

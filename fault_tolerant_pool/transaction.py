@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .classify import Classifier, classify, innermost_class, sqlstate_of
 from .errors import ConnectRetriesExhausted, one_line, redact
 from .policy import Backoff, RetryPolicy, _attempts, _number
-from .replicas import Route
+from .replicas import NoReaderAvailable, Route
 from .shutdown import PoolClosed
 
 logger = logging.getLogger("fault_tolerant_pool.transaction")
@@ -84,7 +84,13 @@ POOL_VERDICTS: tuple[type[BaseException], ...] = (
     ConnectRetriesExhausted,
     PoolTimeoutError,
     PoolClosed,
+    NoReaderAvailable,
 )
+
+#: Errors raised at COMMIT that prove COMMIT was never sent: asyncpg refuses to start a query
+#: on a connection whose server already said goodbye (its protocol state machine raises before
+#: writing). Such a failure is one before COMMIT, safe to run again.
+NOT_SENT_MESSAGES: tuple[str, ...] = ("cannot switch to state",)
 
 #: Where a run was when it failed.
 Phase = Literal["checkout", "work", "commit"]
@@ -147,6 +153,18 @@ def _is_connection_class(error: BaseException, code: str | None) -> bool:
     return classify(error).transient
 
 
+def _links(error: BaseException) -> list[BaseException]:
+    links: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(links) < 8:
+        links.append(current)
+        orig = getattr(current, "orig", None)
+        current = (
+            orig if isinstance(orig, BaseException) and orig is not current else current.__cause__
+        )
+    return links
+
+
 def _pool_verdict(error: BaseException) -> bool:
     if isinstance(error, POOL_VERDICTS):
         return True
@@ -182,6 +200,9 @@ def decide(
     if verdict is None and not _is_connection_class(error, code):
         return Decision("raise", reason)
     if phase == "commit" and not idempotent:
+        text = " ".join(str(link) for link in _links(error)).lower()
+        if any(fragment in text for fragment in NOT_SENT_MESSAGES):
+            return Decision("retry", reason)
         return Decision("unknown", reason)
     return Decision("retry", reason)
 
@@ -317,9 +338,10 @@ class TransactionRunner:
         if decision.action == "raise":
             raise error
         counters = _counters(run.source)
+        if counters is not None and run.phase == "commit" and not _is_conflict(sqlstate_of(error)):
+            # COMMIT cut in flight: counted whether it is raised below or (idempotent) run again
+            counters.outcome_unknown()
         if decision.action == "unknown":
-            if counters is not None:
-                counters.outcome_unknown()
             _record("outcome_unknown", runs, decision.reason, run.phase)
             logger.warning(
                 "unit of work run %d: connection failed while COMMIT was in flight (%s, "

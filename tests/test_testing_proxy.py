@@ -16,7 +16,9 @@ from fault_tolerant_pool.testing.server import run_psql
 
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:
+        assert isinstance(self.server, _EchoServer)
         while data := self.request.recv(65536):
+            self.server.received.append(data)
             self.request.sendall(data)
 
 
@@ -26,19 +28,32 @@ class _EchoServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128  # the default 5 drops SYNs when 100 clients arrive at once
 
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Echo)
+        self.received: list[bytes] = []  # every chunk read, on any connection
+
+    def has_received(self, data: bytes) -> bool:
+        return data in b"".join(self.received)
+
 
 @pytest.fixture
-def echo_port() -> Iterator[int]:
-    """A TCP echo server on 127.0.0.1; yields its port."""
-    server = _EchoServer(("127.0.0.1", 0), _Echo)
+def echo_server() -> Iterator[_EchoServer]:
+    """A TCP echo server on 127.0.0.1 that records what it receives."""
+    server = _EchoServer()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        yield server.server_address[1]
+        yield server
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def echo_port(echo_server: _EchoServer) -> int:
+    """The echo server's port."""
+    return int(echo_server.server_address[1])
 
 
 @pytest.fixture(params=[True, False], ids=["process", "thread"])
@@ -206,6 +221,61 @@ def test_faults_set_before_start_are_in_force(echo_port: int, isolated: bool) ->
         proxy.healthy()
         with connect(proxy) as sock:
             assert echo(sock) == b"ping"
+
+
+def test_cut_on_without_forward_drops_the_marked_data(
+    proxy: FaultProxy, echo_server: _EchoServer
+) -> None:
+    with connect(proxy) as other, connect(proxy) as sock:
+        assert echo(other) == b"ping" and echo(sock) == b"ping"
+        proxy.cut_on(b"COMMIT", forward=False)
+        assert echo(other, b"SELECT 1") == b"SELECT 1"  # no marker: passes
+        with pytest.raises(ConnectionResetError):
+            sock.sendall(b"Q\0\0\0\x0bCOMMIT\0")
+            sock.recv(16)
+        assert proxy.connections_cut == 1
+        assert echo(other) == b"ping"  # the other connection is untouched
+        time.sleep(0.1)
+        assert not echo_server.has_received(b"COMMIT")  # never forwarded
+        assert echo(other, b"COMMIT") == b"COMMIT"  # one-shot: disarmed once fired
+    assert proxy.connections_cut == 1
+
+
+def test_cut_on_with_forward_withholds_the_answer(
+    proxy: FaultProxy, echo_server: _EchoServer
+) -> None:
+    with connect(proxy) as sock:
+        assert echo(sock) == b"ping"
+        proxy.cut_on(b"COMMIT", forward=True)
+        sock.sendall(b"Q\0\0\0\x0bCOMMIT\0")
+        with pytest.raises(ConnectionResetError):
+            sock.recv(16)  # the echo came back to the proxy, but not to us
+        assert echo_server.has_received(b"COMMIT")  # the server got it (it answered it)
+        assert proxy.connections_cut == 1
+    with connect(proxy) as sock:
+        assert echo(sock, b"COMMIT") == b"COMMIT"  # one-shot
+
+
+def test_healthy_and_stop_disarm_cut_on(echo_port: int, isolated: bool) -> None:
+    proxy = FaultProxy("127.0.0.1", echo_port, isolated=isolated)
+    proxy.cut_on(b"COMMIT", forward=False)  # armed before start: in force once started
+    with proxy:
+        with connect(proxy) as sock, pytest.raises(ConnectionResetError):
+            sock.sendall(b"COMMIT")
+            sock.recv(16)
+        proxy.cut_on(b"COMMIT", forward=False)
+        proxy.healthy()
+        with connect(proxy) as sock:
+            assert echo(sock, b"COMMIT") == b"COMMIT"
+        proxy.cut_on(b"COMMIT", forward=True)
+    with proxy:  # restarted: the cut armed before stop() is gone
+        with connect(proxy) as sock:
+            assert echo(sock, b"COMMIT") == b"COMMIT"
+        assert proxy.connections_cut == (0 if isolated else 1)  # a new child counts anew
+    with pytest.raises(TypeError):
+        proxy.cut_on("COMMIT", forward=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        proxy.cut_on(b"", forward=True)
 
 
 @pytest.mark.db

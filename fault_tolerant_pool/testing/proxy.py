@@ -2,8 +2,9 @@
 
 The forwarding loop (one selector for every connection) runs in a child process by default, so it
 does not compete with the test for the GIL; ``isolated=False`` runs it in a thread of the test
-process instead. Faults (refuse, reset, blackhole, latency) can be switched from any thread; each
-call returns once the loop has applied it, so a test can rely on the fault being in place.
+process instead. Faults (refuse, reset, blackhole, latency, a cut on a marker) can be switched from
+any thread; each call returns once the loop has applied it, so a test can rely on the fault being
+in place.
 
 This file only imports the standard library at the top: the child process runs it as a script.
 """
@@ -66,12 +67,14 @@ class _Flow:
 class _Connection:
     """A client connection and, once connected, its upstream connection."""
 
-    __slots__ = ("client", "connecting", "flows", "masks", "upstream")
+    __slots__ = ("client", "connecting", "cut_pending", "flows", "masks", "upstream")
 
     def __init__(self, client: socket.socket) -> None:
         self.client = client
         self.upstream: socket.socket | None = None
         self.connecting = False
+        #: A forwarding ``cut_on`` fired here: reset at the server's next bytes (its answer).
+        self.cut_pending = False
         self.flows: tuple[_Flow, _Flow] | None = None  # (client->upstream, upstream->client)
         self.masks: dict[socket.socket, int] = {}
 
@@ -90,9 +93,11 @@ class _Forwarder:
         self.target_host = target_host
         self.target_port = target_port
         self.connections_accepted = 0
+        self.connections_cut = 0
         self._refusing = False
         self._blackholed = False
         self._latency = 0.0
+        self._cut: tuple[bytes, bool] | None = None  # cut_on's (marker, forward) until it fires
         self._conns: dict[socket.socket, _Connection] = {}  # keyed by client socket
         self._flows_waiting: set[_Flow] = set()  # flows holding bytes not yet sent
         self._listener: socket.socket | None = None
@@ -152,12 +157,15 @@ class _Forwarder:
             self._thread = None
 
     def healthy(self) -> None:
-        """Clear every fault: accept (on the same port), forward, no added latency."""
+        """Clear every fault: accept (on the same port), forward, no added latency, no cut."""
 
         def apply() -> None:
             self._refusing = False
             self._blackholed = False
             self._latency = 0.0
+            self._cut = None
+            for conn in self._conns.values():
+                conn.cut_pending = False
             self._open_listener()
             self._resume_all()
 
@@ -209,6 +217,17 @@ class _Forwarder:
         def apply() -> None:
             self.target_host = host
             self.target_port = port
+
+        self._call(apply)
+
+    def cut_on(self, marker: bytes, *, forward: bool) -> None:
+        """Arm a one-shot cut: see :meth:`FaultProxy.cut_on`."""
+        marker = _check_marker(marker)
+        if not isinstance(forward, bool):
+            raise TypeError(f"forward must be True or False, got {forward!r}")
+
+        def apply() -> None:
+            self._cut = (marker, forward)
 
         self._call(apply)
 
@@ -347,6 +366,23 @@ class _Forwarder:
         outgoing, incoming = conn.flows if sock is conn.client else conn.flows[::-1]
         if mask & selectors.EVENT_READ:
             data = sock.recv(_CHUNK)
+            if conn.cut_pending and sock is conn.upstream:
+                # The server answered the data that fired a forwarding cut_on (a client waits
+                # for each answer before it sends more, so these bytes are that answer): the
+                # server has acted on it (e.g. committed); the client must never learn it.
+                self._cut_connection(conn)
+                return
+            if data and sock is conn.client and self._cut is not None and self._cut[0] in data:
+                # One read holds the whole marker in practice: it sits in one small message (a
+                # Query of a dozen bytes for COMMIT) written by one send() on a TCP_NODELAY
+                # socket, and the client waited for the previous answer first, so nothing it
+                # sent earlier can end a 64 KiB read in the middle of it.
+                forward = self._cut[1]
+                self._cut = None  # one-shot
+                if not forward:
+                    self._cut_connection(conn)  # the server never sees the data
+                    return
+                conn.cut_pending = True
             if data:
                 outgoing.chunks.append((time.monotonic() + self._latency, data))
                 outgoing.buffered += len(data)
@@ -430,6 +466,11 @@ class _Forwarder:
             selector.modify(sock, mask, conn)
         conn.masks[sock] = mask
 
+    def _cut_connection(self, conn: _Connection) -> None:
+        """Reset both ends of ``conn`` for a ``cut_on``, dropping whatever it had buffered."""
+        self.connections_cut += 1
+        self._drop(conn, reset=True)
+
     def _resume_all(self) -> None:
         """After a blackhole: connect the connections that arrived meanwhile, forward again."""
         for conn in list(self._conns.values()):
@@ -498,6 +539,12 @@ class _Forwarder:
             self._selector = None
 
 
+def _check_marker(marker: object) -> bytes:
+    if not isinstance(marker, bytes | bytearray) or not marker:
+        raise TypeError(f"marker must be non-empty bytes, got {marker!r}")
+    return bytes(marker)
+
+
 class _Reply:
     """The result of a command run on the proxy thread, handed back to the calling thread."""
 
@@ -521,7 +568,8 @@ class _Reply:
 # --------------------------------------------------------------------------------------------------
 # The forwarding loop in a child process.
 
-#: What the parent may ask the child; ``stats`` answers (connections_accepted, open_connections).
+#: What the parent may ask the child (arguments travel as JSON: a marker as hex); ``stats``
+#: answers (connections_accepted, open_connections, connections_cut).
 _OPERATIONS: dict[str, Callable[..., Any]] = {
     "healthy": _Forwarder.healthy,
     "refuse": _Forwarder.refuse,
@@ -529,10 +577,12 @@ _OPERATIONS: dict[str, Callable[..., Any]] = {
     "blackhole": _Forwarder.blackhole,
     "latency": _Forwarder.latency,
     "set_target": _Forwarder.set_target,
-    "stats": lambda fwd: [fwd.connections_accepted, fwd.open_connections],
+    "cut_on": lambda fwd, marker, forward: fwd.cut_on(bytes.fromhex(marker), forward=forward),
+    "stats": lambda fwd: [fwd.connections_accepted, fwd.open_connections, fwd.connections_cut],
 }
 _REMOTE_ERRORS: dict[str, type[Exception]] = {
     "ValueError": ValueError,
+    "TypeError": TypeError,
     "OSError": OSError,
     "TimeoutError": TimeoutError,
 }
@@ -546,6 +596,9 @@ def _serve(config: dict[str, Any]) -> None:
     fwd._refusing = config["refusing"]
     fwd._blackholed = config["blackholed"]
     fwd._latency = config["latency"]
+    if config.get("cut") is not None:
+        marker, forward = config["cut"]
+        fwd._cut = (bytes.fromhex(marker), forward)
     out = sys.stdout.buffer
     try:
         fwd.start()
@@ -647,7 +700,9 @@ class FaultProxy:
     and restarts. Faults combine: ``refuse()`` closes the listening socket (clients get
     ECONNREFUSED), ``blackhole()`` stops all forwarding (new connections are accepted, then
     hang), ``latency(s)`` delays every chunk by ``s`` seconds in each direction, ``reset()`` sends a
-    TCP RST on every open connection once. ``healthy()`` clears every fault.
+    TCP RST on every open connection once, ``cut_on(marker, forward=...)`` resets the one
+    connection whose client next sends ``marker`` (e.g. the moment COMMIT is sent). ``healthy()``
+    clears every fault.
 
     With ``isolated`` (the default) the forwarding loop runs in a child process: in a thread, it
     would fight the test's own event loop for the GIL and halve the client's throughput.
@@ -703,6 +758,11 @@ class FaultProxy:
         return int(self._child.call("stats")[1]) if self._child else self._local.open_connections
 
     @property
+    def connections_cut(self) -> int:
+        """Connections reset by :meth:`cut_on` since the proxy started."""
+        return int(self._child.call("stats")[2]) if self._child else self._local.connections_cut
+
+    @property
     def is_running(self) -> bool:
         """Whether the proxy has been started and not stopped."""
         return self._child is not None or self._local._thread is not None
@@ -718,20 +778,26 @@ class FaultProxy:
             local = self._local
             config = {"host": self.host, "port": self.port, **local.faults}
             config.update(target_host=local.target_host, target_port=local.target_port)
+            config["cut"] = None if local._cut is None else [local._cut[0].hex(), local._cut[1]]
             self._child = _Child(config)
         return self
 
     def stop(self) -> None:
-        """Close every connection and the listener, and end the forwarding loop."""
+        """Close every connection and the listener, and end the forwarding loop.
+
+        An armed :meth:`cut_on` is disarmed (in the child it may have fired meanwhile, which
+        the local copy cannot know: a restart must not arm it again).
+        """
         with self._lock:
             if self._child is not None:
                 child, self._child = self._child, None
                 child.close()
             else:
                 self._local.stop()
+            self._local._cut = None
 
     def healthy(self) -> None:
-        """Clear every fault: accept (on the same port), forward, no added latency."""
+        """Clear every fault: accept (on the same port), forward, no added latency, no cut."""
         self._apply("healthy")
 
     def refuse(self) -> None:
@@ -753,6 +819,27 @@ class FaultProxy:
     def set_target(self, host: str, port: int) -> None:
         """Send new connections to another server (open ones stay), e.g. to mimic a failover."""
         self._apply("set_target", host, int(port))
+
+    def cut_on(self, marker: bytes, *, forward: bool) -> None:
+        """Reset the connection whose client next sends data containing ``marker``, once.
+
+        The first client-to-server read containing ``marker`` (e.g. ``b"COMMIT"``, which
+        psycopg and asyncpg send as a simple Query message), on any connection, fires it: a
+        TCP RST to both ends. With ``forward=False`` that data is dropped: the server never
+        sees it (a COMMIT: the server rolls the transaction back when the session ends). With
+        ``forward=True`` the data reaches the server and the reset comes when the server
+        answers, the answer discarded: the server has acted on it (it committed), the client
+        never learns. This makes a failure while COMMIT is in flight happen exactly there, in
+        both of its outcomes, which no timing of :meth:`reset` can.
+
+        It fires once, then disarms (:attr:`connections_cut` counts the resets); ``healthy()``
+        and ``stop()`` disarm it, and ``healthy()`` also lets a ``forward=True`` connection still
+        waiting for its answer receive it. Arming again replaces an armed cut.
+        """
+        checked = _check_marker(marker)
+        if not isinstance(forward, bool):
+            raise TypeError(f"forward must be True or False, got {forward!r}")
+        self._apply("cut_on", checked.hex(), forward)
 
     def _apply(self, op: str, *args: object) -> Any:
         result = _OPERATIONS[op](self._local, *args)  # validates; the local state mirrors

@@ -103,10 +103,8 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
                 assert f"failover 1: 127.0.0.1:{pg_port} turned read-only, promoting " \
                     f"127.0.0.1:{standby_port} in 0.2s" in failover.stdout  # fmt: skip
                 assert f"done: 127.0.0.1:{standby_port} is the primary" in failover.stdout
+                # (a write that meets the demoted writer is run again on the new primary)
                 note = client.post("/notes/", json={"text": "after"})
-                if note.status_code == 503:  # the statement that met the demoted writer
-                    assert note.json()["reason"] == "server_read_only", note.text
-                    note = client.post("/notes/", json={"text": "after"})
                 assert note.status_code == 201 and note.json()["server_port"] == standby_port
                 rebuild = subprocess.run(
                     demo_command("rebuild-standby", "--url", demo.base_url),
@@ -114,6 +112,21 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
                 )  # fmt: skip
                 assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
                 assert f"done: 127.0.0.1:{pg_port} is a standby again" in rebuild.stdout
+
+                # A fourth runs the chaos mix on the writer and prints each step as it ends.
+                assert "python -m demo chaos-db --url" in demo.banner_value("chaos")
+                chaos = subprocess.run(
+                    demo_command("chaos-db", "--url", demo.base_url, "--pause", "0.5"),
+                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                assert chaos.returncode == 0, chaos.stdout + chaos.stderr
+                assert f"chaos mix 1 on 127.0.0.1:{standby_port}: terminate, restart, crash, " \
+                    "terminate, 0.5s apart" in chaos.stdout  # fmt: skip
+                for step in ("1/4 terminate every client session", "2/4 fast restart",
+                             "3/4 crash", "4/4 terminate every client session again"):  # fmt: skip
+                    assert f"  step {step}" in chaos.stdout, chaos.stdout
+                assert re.search(r"done\. Requests so far: \d+ ok, 0 answered 503", chaos.stdout)
+                assert client.post("/notes/", json={"text": "after chaos"}).status_code == 201
 
             assert demo.stop(signal.SIGINT) == 0, demo.output
             assert "demo stopped (embedded PostgreSQL deleted)" in demo.output
@@ -161,6 +174,12 @@ def test_database_url_is_used_and_left_running(pg_server: PostgresServer) -> Non
         )  # fmt: skip
         assert refused.returncode == 1
         assert "cannot fail over it" in refused.stderr
+        refused = subprocess.run(
+            demo_command("chaos-db", "--url", demo.base_url),
+            cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "cannot run the chaos mix on it" in refused.stderr
         assert demo.stop(signal.SIGTERM) == 0, demo.output
         assert "demo stopped" in demo.output
     assert pg_server.is_running, "a server the demo did not start is left alone"

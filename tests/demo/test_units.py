@@ -105,3 +105,28 @@ def test_503_bodies_say_what_happened_without_messages(error: Exception, reason:
     wrapped = sa.exc.DBAPIError("SELECT 1", None, error)  # type: ignore[arg-type]
     if not isinstance(error, sa.exc.TimeoutError):
         assert database_error_body(wrapped)["reason"] == reason
+
+
+def test_an_unknown_outcome_has_a_body_of_its_own() -> None:
+    from fault_tolerant_pool import TransactionOutcomeUnknown
+
+    cut = DriverError("terminating connection due to administrator command host=10.0.0.5", "57P01")
+    wrapped = sa.exc.OperationalError("COMMIT", None, cut)  # type: ignore[arg-type]
+    body = database_error_body(TransactionOutcomeUnknown(wrapped, attempts=2))
+    assert body == {
+        "error": "outcome unknown",
+        "reason": "outcome_unknown",
+        "detail": "the connection broke while COMMIT was in flight (run 2): the write may or may "
+        "not have been committed, and it was not run again",
+        "error_class": "DriverError",
+        "sqlstate": "57P01",
+    }
+    assert database_error_body(wrapped)["reason"] == "connection_lost", "distinct from a cut"
+    assert "10.0.0.5" not in str(body)
+
+
+def test_idempotent_writes_setting() -> None:
+    assert Settings().idempotent_writes is True
+    assert Settings.from_environ({"DEMO_IDEMPOTENT_WRITES": "off"}).idempotent_writes is False
+    with pytest.raises(SettingsError, match="DEMO_IDEMPOTENT_WRITES has an invalid value"):
+        Settings.from_environ({"DEMO_IDEMPOTENT_WRITES": "sometimes"})
