@@ -46,11 +46,11 @@ from opentelemetry import metrics
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.ext.asyncio import async_sessionmaker as _async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker as _sessionmaker
 
+from ._asyncio_ext import AsyncConnection, AsyncEngine, AsyncSession
+from ._asyncio_ext import async_sessionmaker as _async_sessionmaker
 from .policy import _number
 from .telemetry import INSTRUMENTATION_NAME, _version
 

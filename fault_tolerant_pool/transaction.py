@@ -40,9 +40,9 @@ from opentelemetry import trace
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from ._asyncio_ext import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from .classify import Classifier, classify, innermost_class, sqlstate_of
 from .errors import ConnectRetriesExhausted, one_line, redact
 from .policy import Backoff, RetryPolicy, _attempts, _number
