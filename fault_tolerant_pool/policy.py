@@ -36,21 +36,31 @@ def _number(name: str, value: Any, *, minimum: float, strict: bool) -> float:
     return number
 
 
-def _attempts(value: Any) -> int | None:
-    """Coerce ``retry_attempts``: a positive integer, or None for "bounded by the deadline only"."""
+def _attempts(value: Any, name: str = "retry_attempts") -> int | None:
+    """Coerce an attempt count: a positive integer, or None for "bounded by the deadline only"."""
     if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
         return None
+    wrong = ArgumentError(f"{name} must be a positive integer or None, got {value!r}")
     if isinstance(value, bool):
-        raise ArgumentError(f"retry_attempts must be a positive integer or None, got {value!r}")
+        raise wrong
     try:
         number = int(value) if isinstance(value, str) else value
     except ValueError:
-        raise ArgumentError(
-            f"retry_attempts must be a positive integer or None, got {value!r}"
-        ) from None
+        raise wrong from None
     if not isinstance(number, int) or number < 1:
-        raise ArgumentError(f"retry_attempts must be a positive integer or None, got {value!r}")
+        raise wrong
     return number
+
+
+def _delays(initial: Any, maximum: Any, *, prefix: str) -> tuple[float, float]:
+    """Coerce a backoff's first and largest sleep (``{prefix}initial_delay``, ``..max_delay``)."""
+    low = _number(f"{prefix}initial_delay", initial, minimum=0.0, strict=False)
+    high = _number(f"{prefix}max_delay", maximum, minimum=0.0, strict=False)
+    if high < low:
+        raise ArgumentError(
+            f"{prefix}max_delay ({maximum!r}) must be at least {prefix}initial_delay ({initial!r})"
+        )
+    return low, high
 
 
 def _optional_seconds(name: str, value: Any) -> float | None:
@@ -86,13 +96,7 @@ class RetryPolicy:
         retry_attempt_timeout: Any = DEFAULT_ATTEMPT_TIMEOUT,
     ) -> RetryPolicy:
         """Validate the pool's keyword arguments (numbers or config strings) into a policy."""
-        initial = _number("retry_initial_delay", retry_initial_delay, minimum=0.0, strict=False)
-        maximum = _number("retry_max_delay", retry_max_delay, minimum=0.0, strict=False)
-        if maximum < initial:
-            raise ArgumentError(
-                f"retry_max_delay ({retry_max_delay!r}) must be at least "
-                f"retry_initial_delay ({retry_initial_delay!r})"
-            )
+        initial, maximum = _delays(retry_initial_delay, retry_max_delay, prefix="retry_")
         return cls(
             attempts=_attempts(retry_attempts),
             deadline=_number("retry_deadline", retry_deadline, minimum=0.0, strict=True),

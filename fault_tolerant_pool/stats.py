@@ -106,8 +106,11 @@ class PoolStats:
     """Units of work the transaction runner ran again on a connection of this pool (see
     docs/transactions.md)."""
     outcomes_unknown: int = 0
-    """Units of work whose COMMIT was cut in flight: the runner raised
-    ``TransactionOutcomeUnknown`` (or, for an idempotent one, ran it again)."""
+    """Units of work whose COMMIT was cut in flight and whose outcome stayed unknown: the runner
+    raised ``TransactionOutcomeUnknown`` (or, for an idempotent one, ran it again)."""
+    outcomes_resolved: int = 0
+    """Units of work whose COMMIT was cut in flight and whose outcome the runner settled: the
+    server said it committed (the run succeeded) or not (it ran again), or it wrote nothing."""
 
 
 class CounterListener(Protocol):
@@ -135,6 +138,7 @@ class ConnectCounters:
         "last_error",
         "leaks",
         "listener",
+        "outcomes_resolved",
         "outcomes_unknown",
         "ping_timeouts",
         "retired",
@@ -159,6 +163,7 @@ class ConnectCounters:
         self.ping_timeouts = 0
         self.transaction_retries = 0
         self.outcomes_unknown = 0
+        self.outcomes_resolved = 0
 
     def attempt_failed(self, error_class: str, sqlstate: str | None) -> None:
         with self._lock:
@@ -200,6 +205,10 @@ class ConnectCounters:
     def outcome_unknown(self) -> None:
         with self._lock:
             self.outcomes_unknown += 1
+
+    def outcome_resolved(self) -> None:
+        with self._lock:
+            self.outcomes_resolved += 1
 
     def retire(self, reason: Retirement) -> None:
         with self._lock:
@@ -247,6 +256,7 @@ class ConnectCounters:
             oldest_checkout_age=oldest_checkout_age,
             transaction_retries=self.transaction_retries,
             outcomes_unknown=self.outcomes_unknown,
+            outcomes_resolved=self.outcomes_resolved,
         )
         if gate is None:
             return stats

@@ -13,11 +13,15 @@ connection when the failure is one that leaves nothing behind:
 - a serialization failure or a deadlock (``40001``, ``40P01``), in any phase: the server
   answered, and it rolled the transaction back.
 
-A connection-class failure while COMMIT was in flight has an unknown outcome: the server may have
-committed before the connection broke. That is never re-run (unless the function is declared
-``idempotent``): it raises :class:`TransactionOutcomeUnknown`. Anything else (the application's
-own exceptions, constraint violations, syntax errors, a connect the pool itself gave up on) is
-raised at once, unchanged, after a single call.
+A connection-class failure while COMMIT was in flight leaves the client unable to tell whether
+the server committed. The runner notes the transaction's id just before COMMIT and, after such a
+cut, asks the server (:mod:`~fault_tolerant_pool.commit_outcome`): committed, the run succeeded
+and its result is returned; provably not committed, it runs again. When the server cannot say
+(it restarted or failed over and reports the id committed, or cannot be reached), the outcome is
+unknown: never re-run (unless the function is declared ``idempotent``), it raises
+:class:`TransactionOutcomeUnknown`. Anything else (the application's own exceptions, constraint
+violations, syntax errors, a connect the pool itself gave up on) is raised at once, unchanged,
+after a single call.
 
 The decision is :func:`decide`, a pure function of the error and the phase; the backoff is the
 pool's (:class:`~fault_tolerant_pool.policy.Backoff`, full jitter); both are unit-tested without
@@ -43,9 +47,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._asyncio_ext import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
-from .classify import Classifier, classify, innermost_class, sqlstate_of
+from .classify import Classifier, _chain, classify, innermost_class, sqlstate_of
+from .commit_outcome import NOTE_SQL as _NOTE_SQL
+from .commit_outcome import CommitNote, Settlement, settle, settle_async, wants_note
 from .errors import ConnectRetriesExhausted, one_line, redact
-from .policy import Backoff, RetryPolicy, _attempts, _number
+from .policy import Backoff, RetryPolicy, _attempts, _delays, _number
 from .replicas import NoReaderAvailable, Route
 from .shutdown import PoolClosed
 
@@ -104,6 +110,8 @@ class Decision:
 
     action: Action
     reason: str
+    commit_cut: bool = False
+    """The connection failed while COMMIT was in flight (whatever the action)."""
 
 
 class TransactionOutcomeUnknown(OperationalError):
@@ -129,8 +137,9 @@ class TransactionOutcomeUnknown(OperationalError):
         detail = one_line(redact(str(error.orig))) or type(error.orig).__name__
         self._detail = (
             f"transaction outcome unknown: the connection failed while COMMIT was in flight "
-            f"(run {attempts}); it may or may not have been committed, and it was not run "
-            f"again (pass idempotent=True if running it twice is harmless). "
+            f"(run {attempts}); it may or may not have been committed (the server could not "
+            f"say), and it was not run again (pass idempotent=True if running it twice is "
+            f"harmless). "
             f"{type(error.orig).__name__}: {detail}"
         )
 
@@ -151,18 +160,6 @@ def _is_connection_class(error: BaseException, code: str | None) -> bool:
     if code is not None:
         return code[:2] == "08" or code in CONNECTION_SQLSTATES
     return classify(error).transient
-
-
-def _links(error: BaseException) -> list[BaseException]:
-    links: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and len(links) < 8:
-        links.append(current)
-        orig = getattr(current, "orig", None)
-        current = (
-            orig if isinstance(orig, BaseException) and orig is not current else current.__cause__
-        )
-    return links
 
 
 def _pool_verdict(error: BaseException) -> bool:
@@ -199,18 +196,19 @@ def decide(
         return Decision("retry", reason)
     if verdict is None and not _is_connection_class(error, code):
         return Decision("raise", reason)
-    if phase == "commit" and not idempotent:
-        text = " ".join(str(link) for link in _links(error)).lower()
+    if phase == "commit":
+        text = " ".join(str(link) for link in _chain(error)).lower()
         if any(fragment in text for fragment in NOT_SENT_MESSAGES):
             return Decision("retry", reason)
-        return Decision("unknown", reason)
+        return Decision("retry" if idempotent else "unknown", reason, commit_cut=True)
     return Decision("retry", reason)
 
 
 class _Run:
-    """One run's progress: its phase, and where its connection came from (for the counters)."""
+    """One run's progress: its phase, where its connection came from (for the counters), and
+    what it noted before COMMIT (to settle a COMMIT cut in flight)."""
 
-    __slots__ = ("phase", "read_only", "source")
+    __slots__ = ("engine", "note", "phase", "read_only", "result", "settled", "source")
 
     def __init__(self) -> None:
         self.phase: Phase = "checkout"
@@ -218,6 +216,24 @@ class _Run:
         self.read_only = False
         """Routed as read-only (a router's reads): nothing written, so a COMMIT cut in flight
         changes nothing either and the run may run again."""
+        self.engine: Any = None
+        """The engine of the run's connection (sync or async), to ask after a cut COMMIT."""
+        self.note: CommitNote | None = None
+        self.result: Any = None
+        self.settled: Settlement | None = None
+
+    def noted(self, row: Any, engine: Any) -> None:
+        self.note = CommitNote.from_row(row)
+        self.engine = engine
+
+    @property
+    def wrote_nothing(self) -> bool:
+        """The transaction had no id before COMMIT: its COMMIT changes nothing."""
+        return self.note is not None and self.note.xid is None
+
+    def settle_first(self, decision: Decision) -> bool:
+        """Whether to ask the server before deciding: COMMIT cut, the transaction's id noted."""
+        return decision.action == "unknown" and self.note is not None and self.settled is None
 
 
 def _pool_of(source: Any) -> Any:
@@ -258,6 +274,10 @@ class TransactionRunner:
     max_delay: float = DEFAULT_MAX_DELAY
     idempotent: bool = False
     """Re-run after a failure while COMMIT was in flight too (running it twice is harmless)."""
+    resolve_outcome: bool = True
+    """Note the transaction's id before COMMIT (one round trip, PostgreSQL 13+) so that a COMMIT
+    cut in flight can be settled by asking the server; off, every such cut is unknown. Not
+    needed (and not done) for an ``idempotent`` unit or a router's reads."""
     classifier: Classifier | None = None
     """Asked first about each failure: True (may re-run), False (raise), None (built-in)."""
     random: Callable[[], float] = field(default=_random.random, repr=False, compare=False)
@@ -266,17 +286,12 @@ class TransactionRunner:
     """The backoff's configuration, derived from the fields above."""
 
     def __post_init__(self) -> None:
-        attempts = _attempts_argument(self.attempts)
+        attempts = _attempts(self.attempts, "attempts")
         deadline = _number("deadline", self.deadline, minimum=0.0, strict=True)
-        initial = _number("initial_delay", self.initial_delay, minimum=0.0, strict=False)
-        maximum = _number("max_delay", self.max_delay, minimum=0.0, strict=False)
-        if maximum < initial:
-            raise ArgumentError(
-                f"max_delay ({self.max_delay!r}) must be at least "
-                f"initial_delay ({self.initial_delay!r})"
-            )
-        if not isinstance(self.idempotent, bool):
-            raise ArgumentError(f"idempotent must be True or False, got {self.idempotent!r}")
+        initial, maximum = _delays(self.initial_delay, self.max_delay, prefix="")
+        for name in ("idempotent", "resolve_outcome"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.classifier is not None and not callable(self.classifier):
             raise ArgumentError(f"classifier must be a callable or None, got {self.classifier!r}")
         object.__setattr__(self, "attempts", attempts)
@@ -297,14 +312,22 @@ class TransactionRunner:
         :class:`~sqlalchemy.orm.sessionmaker`) in one transaction, committed; run it again on a
         fresh connection after a failure that leaves nothing behind. Returns what ``fn`` returns.
         """
-        attempt = _sync_attempt(bind, fn)
+        attempt = _sync_attempt(bind, fn, self._notes)
         backoff = Backoff(self.policy, self.clock())
         while True:
             run = _Run()
             try:
                 return attempt(run)
             except Exception as error:
-                delay = self._after_failure(error, run, backoff)
+                decision = self._decide(error, run)
+                if run.settle_first(decision):
+                    assert run.note is not None
+                    run.settled = settle(run.engine, run.note)
+                    if run.settled == "committed":
+                        committed: _T = self._committed_after_all(error, run, backoff)
+                        return committed
+                    decision = self._decide(error, run)
+                delay = self._after_failure(error, run, backoff, decision)
             time.sleep(delay)
 
     async def run_async(
@@ -316,31 +339,68 @@ class TransactionRunner:
         :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, ``await fn(session)`` on an
         :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`. Cancellation is never caught: a
         cancelled run or sleep leaves no connection or session behind."""
-        attempt = _async_attempt(bind, fn)
+        attempt = _async_attempt(bind, fn, self._notes)
         backoff = Backoff(self.policy, self.clock())
         while True:
             run = _Run()
             try:
                 return await attempt(run)
             except Exception as error:
-                delay = self._after_failure(error, run, backoff)
+                decision = self._decide(error, run)
+                if run.settle_first(decision):
+                    assert run.note is not None
+                    run.settled = await settle_async(run.engine, run.note)
+                    if run.settled == "committed":
+                        committed: _T = self._committed_after_all(error, run, backoff)
+                        return committed
+                    decision = self._decide(error, run)
+                delay = self._after_failure(error, run, backoff, decision)
             await asyncio.sleep(delay)
 
-    def _after_failure(self, error: Exception, run: _Run, backoff: Backoff) -> float:
-        """The sleep before the next run; raises when there is none."""
-        decision = decide(
-            error,
-            run.phase,
-            idempotent=self.idempotent or run.read_only,
-            classifier=self.classifier,
+    @property
+    def _notes(self) -> bool:
+        """Whether a run notes its transaction's id before COMMIT (see ``resolve_outcome``)."""
+        return self.resolve_outcome and not self.idempotent
+
+    def _decide(self, error: Exception, run: _Run) -> Decision:
+        settled = run.read_only or run.wrote_nothing or run.settled == "not_committed"
+        return decide(
+            error, run.phase, idempotent=self.idempotent or settled, classifier=self.classifier
         )
+
+    def _committed_after_all(self, error: Exception, run: _Run, backoff: Backoff) -> Any:
+        """A COMMIT cut in flight that the server says committed: the run succeeded."""
+        counters = _counters(run.source)
+        if counters is not None:
+            counters.outcome_resolved()
+        _record("outcome_resolved", backoff.failures + 1, innermost_class(error), run.phase)
+        logger.warning(
+            "unit of work run %d: connection failed while COMMIT was in flight (%s, "
+            "sqlstate=%s); the server says it committed",
+            backoff.failures + 1,
+            innermost_class(error),
+            sqlstate_of(error),
+        )
+        return run.result
+
+    def _after_failure(
+        self, error: Exception, run: _Run, backoff: Backoff, decision: Decision | None = None
+    ) -> float:
+        """The sleep before the next run; raises when there is none."""
+        if decision is None:
+            decision = self._decide(error, run)
         runs = backoff.failures + 1
         if decision.action == "raise":
             raise error
         counters = _counters(run.source)
-        if counters is not None and run.phase == "commit" and not _is_conflict(sqlstate_of(error)):
-            # COMMIT cut in flight: counted whether it is raised below or (idempotent) run again
-            counters.outcome_unknown()
+        if counters is not None and decision.commit_cut:
+            # COMMIT cut in flight: settled (nothing written, or the server said it did not
+            # commit), or unknown, whether raised below or (idempotent) run again
+            settled = run.read_only or run.wrote_nothing or run.settled == "not_committed"
+            if settled:
+                counters.outcome_resolved()
+            else:
+                counters.outcome_unknown()
         if decision.action == "unknown":
             _record("outcome_unknown", runs, decision.reason, run.phase)
             logger.warning(
@@ -372,20 +432,15 @@ class TransactionRunner:
             logger.warning(
                 "unit of work run %d failed in %s (%s, sqlstate=%s): %s; running it again in %.3fs",
                 runs,
-                run.phase,
+                "commit (not committed, the server says)"
+                if run.settled == "not_committed"
+                else run.phase,
                 innermost_class(error),
                 sqlstate_of(error),
                 one_line(redact(str(getattr(error, "orig", None) or error)))[:300],
                 delay,
             )
         return delay
-
-
-def _attempts_argument(value: Any) -> int | None:
-    try:
-        return _attempts(value)
-    except ArgumentError:
-        raise ArgumentError(f"attempts must be a positive integer or None, got {value!r}") from None
 
 
 def _record(what: str, runs: int, reason: str, phase: Phase) -> None:
@@ -406,7 +461,8 @@ def _record(what: str, runs: int, reason: str, phase: Phase) -> None:
 # -- one run, for each kind of bind ----------------------------------------------------------------
 
 
-def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
+def _sync_attempt(bind: Any, fn: Callable[[Any], _T], notes: bool) -> Callable[[_Run], _T]:
+    """One run of ``fn`` on ``bind``; ``notes``: note the transaction's id before COMMIT."""
     if isinstance(bind, Engine) or (isinstance(bind, Route) and not bind.asynchronous):
 
         def core(run: _Run) -> _T:
@@ -416,7 +472,9 @@ def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
                 run.source = connection
                 run.phase = "work"
                 transaction = connection.begin()
-                result = fn(connection)
+                result = run.result = fn(connection)
+                if notes and not run.read_only and wants_note(connection):
+                    run.noted(connection.exec_driver_sql(_NOTE_SQL).one(), connection.engine)
                 run.phase = "commit"
                 transaction.commit()
             return result
@@ -429,10 +487,12 @@ def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
                 run.source = session
                 run.read_only = getattr(session, "read_only", False) is True
                 session.begin()
-                session.connection()  # the checkout, now rather than at the first statement
+                connection = session.connection()  # the checkout, now, not at the first statement
                 run.phase = "work"
-                result = fn(session)
+                result = run.result = fn(session)
                 session.flush()  # the last INSERTs and UPDATEs, before COMMIT is sent
+                if notes and not run.read_only and wants_note(connection):
+                    run.noted(connection.exec_driver_sql(_NOTE_SQL).one(), connection.engine)
                 run.phase = "commit"
                 session.commit()
             return result
@@ -444,7 +504,7 @@ def _sync_attempt(bind: Any, fn: Callable[[Any], _T]) -> Callable[[_Run], _T]:
 
 
 def _async_attempt(
-    bind: Any, fn: Callable[[Any], Awaitable[_T]]
+    bind: Any, fn: Callable[[Any], Awaitable[_T]], notes: bool
 ) -> Callable[[_Run], Awaitable[_T]]:
     if isinstance(bind, AsyncEngine) or (isinstance(bind, Route) and bind.asynchronous):
 
@@ -455,7 +515,10 @@ def _async_attempt(
                 run.source = connection
                 run.phase = "work"
                 transaction = await connection.begin()
-                result = await fn(connection)
+                result = run.result = await fn(connection)
+                if notes and not run.read_only and wants_note(connection):
+                    row = (await connection.exec_driver_sql(_NOTE_SQL)).one()
+                    run.noted(row, connection.engine)
                 run.phase = "commit"
                 await transaction.commit()
             return result
@@ -468,10 +531,13 @@ def _async_attempt(
                 run.source = session
                 run.read_only = getattr(session.sync_session, "read_only", False) is True
                 await session.begin()
-                await session.connection()
+                connection = await session.connection()
                 run.phase = "work"
-                result = await fn(session)
+                result = run.result = await fn(session)
                 await session.flush()
+                if notes and not run.read_only and wants_note(connection):
+                    row = (await connection.exec_driver_sql(_NOTE_SQL)).one()
+                    run.noted(row, connection.engine)
                 run.phase = "commit"
                 await session.commit()
             return result

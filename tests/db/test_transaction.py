@@ -564,12 +564,13 @@ async def test_many_units_while_backends_are_terminated(side: Side, flavour: str
     [("core", False), ("core", True), ("orm", True)],
     ids=["core-not-forwarded", "core-forwarded", "orm-forwarded"],
 )
-async def test_commit_cut_in_flight_has_an_unknown_outcome(
+async def test_commit_cut_in_flight_has_an_unknown_outcome_unless_resolved(
     proxy: FaultProxy, side: Side, flavour: str, api: str, forward: bool
 ) -> None:
-    """The connection dies while COMMIT is in flight: not run again, TransactionOutcomeUnknown.
-    Whether the row is there depends on whether the server saw the COMMIT, which the client
-    cannot know; here the test knows."""
+    """The connection dies while COMMIT is in flight, and the runner does not ask the server
+    (``resolve_outcome=False``): not run again, TransactionOutcomeUnknown. Whether the row is
+    there depends on whether the server saw the COMMIT, which the client cannot know; here the
+    test knows."""
     orm = api == "orm"
     target = side.target(flavour, port=proxy.port, orm=orm)
     await target.warm_up()
@@ -581,7 +582,7 @@ async def test_commit_cut_in_flight_has_an_unknown_outcome(
     unit = Unit(body)
     proxy.cut_on(b"COMMIT", forward=forward)
     with pytest.raises(TransactionOutcomeUnknown) as info:
-        await target.run(unit)
+        await target.run(unit, QUICK.new(resolve_outcome=False))
     assert proxy.connections_cut == 1
     error = info.value
     assert isinstance(error, sa.exc.OperationalError)
@@ -592,8 +593,68 @@ async def test_commit_cut_in_flight_has_an_unknown_outcome(
     assert unit.calls == 1
     assert side.runs_of(3) == ([1] if forward else [])
     stats = target.stats()
-    assert (stats.transaction_retries, stats.outcomes_unknown) == (0, 1)
+    assert (stats.transaction_retries, stats.outcomes_unknown, stats.outcomes_resolved) == (0, 1, 0)
     assert checked_out(target) == 0
+    await target.dispose()
+
+
+@live
+@flavours
+@pytest.mark.parametrize(
+    ("api", "forward"),
+    [("core", False), ("core", True), ("orm", False), ("orm", True)],
+    ids=["core-not-forwarded", "core-forwarded", "orm-not-forwarded", "orm-forwarded"],
+)
+async def test_commit_cut_in_flight_is_resolved_by_asking_the_server(
+    proxy: FaultProxy, side: Side, flavour: str, api: str, forward: bool
+) -> None:
+    """With the defaults the runner noted the transaction's id before COMMIT and, after the
+    cut, asks the server: it committed (the server saw the COMMIT), so run 1's result is
+    returned and nothing runs again; or it did not, so the unit runs again. One row either way."""
+    orm = api == "orm"
+    target = side.target(flavour, port=proxy.port, orm=orm)
+    await target.warm_up()
+
+    def body(run: int) -> Generator[Step, Any, int]:
+        yield add_entry(orm, 4, run)
+        return run
+
+    unit = Unit(body)
+    proxy.cut_on(b"COMMIT", forward=forward)
+    assert await target.run(unit) == (1 if forward else 2)
+    assert proxy.connections_cut == 1
+    assert unit.calls == (1 if forward else 2)
+    assert side.runs_of(4) == ([1] if forward else [2])
+    stats = target.stats()
+    assert (stats.transaction_retries, stats.outcomes_unknown, stats.outcomes_resolved) == (
+        0 if forward else 1,
+        0,
+        1,
+    )
+    assert checked_out(target) == 0
+    await target.dispose()
+
+
+@live
+@flavours
+async def test_a_unit_that_wrote_nothing_runs_again_after_commit_cut(
+    proxy: FaultProxy, side: Side, flavour: str
+) -> None:
+    """A transaction without an id (it only read) changes nothing at COMMIT: a cut COMMIT is
+    run again without asking the server."""
+    target = side.target(flavour, port=proxy.port)
+    await target.warm_up()
+
+    def body(run: int) -> Generator[Step, Any, int]:
+        result = yield sa.text("SELECT count(*) FROM entries")
+        return int(result.scalar_one()) + run
+
+    unit = Unit(body)
+    proxy.cut_on(b"COMMIT", forward=True)
+    assert await target.run(unit) == 2
+    assert unit.calls == 2
+    stats = target.stats()
+    assert (stats.transaction_retries, stats.outcomes_unknown, stats.outcomes_resolved) == (1, 0, 1)
     await target.dispose()
 
 

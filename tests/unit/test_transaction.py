@@ -263,6 +263,80 @@ def test_retries_and_unknown_outcomes_are_counted_on_the_pool() -> None:
     assert (snapshot.transaction_retries, snapshot.outcomes_unknown) == (1, 1)
 
 
+def counted_run(phase: Phase, counters: ConnectCounters) -> _Run:
+    engine = create_engine("sqlite://")
+    engine.pool._fault_tolerance = types.SimpleNamespace(counters=counters)  # type: ignore[attr-defined]
+    run = failing_run(phase)
+    run.source = engine
+    return run
+
+
+NOTE_ROW = ("731", 4242, "2026-12-05 10:00:00+00 10.0.0.5:5432")
+
+
+def test_a_commit_cut_is_settled_first_when_the_id_was_noted() -> None:
+    chosen = runner(Clock())
+    cut = wrapped("08006", invalidated=True)
+    run = failing_run("commit")
+    assert not run.settle_first(chosen._decide(cut, run))  # nothing noted: nothing to ask
+    run.noted(NOTE_ROW, engine=None)
+    assert run.note is not None and run.note.xid == "731" and run.note.pid == 4242
+    assert run.settle_first(chosen._decide(cut, run))
+    run.settled = "unknown"
+    assert not run.settle_first(chosen._decide(cut, run))  # asked once
+    # Failures that are not a cut COMMIT are decided as before, without asking.
+    work = failing_run("work")
+    work.noted(NOTE_ROW, engine=None)
+    assert not work.settle_first(chosen._decide(cut, work))
+
+
+@pytest.mark.parametrize(
+    ("settled", "xid", "action", "counted"),
+    [
+        ("not_committed", "731", "retry", (1, 0, 1)),
+        ("unknown", "731", "raise", (0, 1, 0)),
+        (None, None, "retry", (1, 0, 1)),  # wrote nothing: run again without asking
+    ],
+)
+def test_a_settled_commit_cut_runs_again_or_stays_unknown(
+    settled: Any, xid: str | None, action: str, counted: tuple[int, int, int]
+) -> None:
+    counters = ConnectCounters()
+    clock = Clock()
+    chosen = runner(clock)
+    run = counted_run("commit", counters)
+    run.noted((xid, 4242, "i"), engine=None)
+    run.settled = settled
+    cut = wrapped("08006", invalidated=True)
+    if action == "retry":
+        assert chosen._after_failure(cut, run, chosen_backoff(chosen, clock)) > 0
+    else:
+        with pytest.raises(TransactionOutcomeUnknown):
+            chosen._after_failure(cut, run, chosen_backoff(chosen, clock))
+    snapshot = counters.snapshot(0, 0, 0, 0)
+    got = (snapshot.transaction_retries, snapshot.outcomes_unknown, snapshot.outcomes_resolved)
+    assert got == counted
+
+
+def test_a_commit_cut_the_server_says_committed_returns_the_result() -> None:
+    counters = ConnectCounters()
+    clock = Clock()
+    chosen = runner(clock)
+    run = counted_run("commit", counters)
+    run.result = {"id": 7}
+    cut = wrapped("08006", invalidated=True)
+    assert chosen._committed_after_all(cut, run, chosen_backoff(chosen, clock)) == {"id": 7}
+    snapshot = counters.snapshot(0, 0, 0, 0)
+    assert (snapshot.transaction_retries, snapshot.outcomes_unknown) == (0, 0)
+    assert snapshot.outcomes_resolved == 1
+
+
+def test_notes_are_taken_unless_idempotent_or_switched_off() -> None:
+    assert TransactionRunner()._notes
+    assert not TransactionRunner(idempotent=True)._notes  # a cut COMMIT runs again anyway
+    assert not TransactionRunner(resolve_outcome=False)._notes
+
+
 # -- configuration ---------------------------------------------------------------------------------
 
 
@@ -278,6 +352,7 @@ def test_retries_and_unknown_outcomes_are_counted_on_the_pool() -> None:
         ({"initial_delay": -0.1}, "initial_delay"),
         ({"initial_delay": 1.0, "max_delay": 0.5}, "max_delay"),
         ({"idempotent": "yes"}, "idempotent"),
+        ({"resolve_outcome": 1}, "resolve_outcome"),
         ({"classifier": 3}, "classifier"),
     ],
 )
