@@ -571,11 +571,16 @@ def run_transaction(
     attempts: int | None = DEFAULT_ATTEMPTS,
     deadline: float = DEFAULT_DEADLINE,
     idempotent: bool = False,
+    resolve_outcome: bool = True,
     classifier: Classifier | None = None,
 ) -> _T:
     """Run ``fn`` as one re-runnable unit of work: see :meth:`TransactionRunner.run`."""
     return TransactionRunner(
-        attempts=attempts, deadline=deadline, idempotent=idempotent, classifier=classifier
+        attempts=attempts,
+        deadline=deadline,
+        idempotent=idempotent,
+        resolve_outcome=resolve_outcome,
+        classifier=classifier,
     ).run(bind, fn)
 
 
@@ -586,12 +591,17 @@ async def run_transaction_async(
     attempts: int | None = DEFAULT_ATTEMPTS,
     deadline: float = DEFAULT_DEADLINE,
     idempotent: bool = False,
+    resolve_outcome: bool = True,
     classifier: Classifier | None = None,
 ) -> _T:
     """Run ``await fn(...)`` as one re-runnable unit of work: see
     :meth:`TransactionRunner.run_async`."""
     return await TransactionRunner(
-        attempts=attempts, deadline=deadline, idempotent=idempotent, classifier=classifier
+        attempts=attempts,
+        deadline=deadline,
+        idempotent=idempotent,
+        resolve_outcome=resolve_outcome,
+        classifier=classifier,
     ).run_async(bind, fn)
 
 
