@@ -499,7 +499,7 @@ def stats_of(engine: AsyncEngine) -> dict[str, Any]:
     snapshot = stats()
     names = (
         "connects", "failed_attempts", "give_ups", "ping_timeouts", "fast_failures",
-        "transaction_retries", "outcomes_unknown",
+        "transaction_retries", "outcomes_unknown", "outcomes_resolved",
     )  # fmt: skip
     return {name: getattr(snapshot, name) for name in names}
 

@@ -26,6 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -330,62 +331,12 @@ def _print_banner(settings: Settings, port: int, embedded: Any, patroni: Any = N
 
 
 # --------------------------------------------------------------------------------------------------
-# restart-db
+# asking the running demo (restart-db, failover-db, rebuild-standby, chaos-db)
 
 
-def restart_db(url: str | None, down_for: float, wait: bool = True) -> int:
-    """Ask the running demo to restart its embedded database; wait until it is back."""
-    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
-    request = urllib.request.Request(
-        f"{base}/_demo/restart-db?down_for={down_for}",
-        method="POST",
-        headers={"X-Demo-Action": "restart-db"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            answer = json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            print("demo: this demo does not run its own database (DATABASE_URL is set), so it "
-                  "cannot restart it; restart your server yourself", file=sys.stderr)  # fmt: skip
-        else:
-            print(f"demo: restart refused ({exc.code}): {exc.read().decode(errors='replace')}",
-                  file=sys.stderr)  # fmt: skip
-        return 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"demo: no demo answers at {base} ({exc}); start it with python -m demo",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    number = answer["restart"]
-    print(f"restart {number}: stopping the embedded PostgreSQL (fast shutdown), "
-          f"down for {down_for:g}s ...", flush=True)  # fmt: skip
-    if not wait:
-        return 0
-    deadline = time.monotonic() + down_for + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
-                health = json.load(response)
-        except (urllib.error.URLError, OSError):
-            continue
-        database = health["database"]
-        restarts = {r["number"]: r for r in database.get("restarts", [])}
-        done = restarts.get(number)
-        if database["state"] == "failed":
-            print("demo: the database failed to start again; see the demo's log", file=sys.stderr)
-            return 1
-        if done and done["started_at"] is not None and database["state"] == "running":
-            print(f"back: accepting connections {done['started_at'] - done['stopped_at']:.2f}s "
-                  f"after the stop. Requests so far: {health['requests']['ok']} ok, "
-                  f"{health['requests']['unavailable']} answered 503.")  # fmt: skip
-            return 0
-    print("demo: the database did not come back within a minute", file=sys.stderr)
-    return 1
-
-
-# --------------------------------------------------------------------------------------------------
-# failover-db, rebuild-standby
+def _base_url(url: str | None) -> str:
+    """The running demo's address: ``--url``, else this machine's ``$DEMO_PORT`` (8000)."""
+    return (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
 
 
 def _post(base: str, path: str, action: str) -> tuple[int, dict[str, Any]]:
@@ -416,26 +367,102 @@ def _refused(base: str, what: str, status: int, body: dict[str, Any]) -> int:
     return 1
 
 
-def _wait_database(base: str, done: Any, timeout: float) -> dict[str, Any] | None:
-    """Poll /health until ``done(database)``; the database part, or None on timeout/failure."""
+def _health(base: str) -> dict[str, Any] | None:
+    """The running demo's ``/health``; None if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+            health: dict[str, Any] = json.load(response)
+    except (urllib.error.URLError, OSError):
+        return None
+    return health
+
+
+def _wait_health(
+    base: str,
+    done: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    failed: str,
+    timed_out: str | None = None,
+) -> dict[str, Any] | None:
+    """Poll ``/health`` until ``done(its database part)``; the whole answer.
+
+    If the database fails first, or ``timeout`` seconds pass, say so on stderr (``failed``, or
+    ``timed_out`` for the latter if given) and return None.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
-                database: dict[str, Any] = json.load(response)["database"]
-        except (urllib.error.URLError, OSError):
+        health = _health(base)
+        if health is None:
             continue
-        if database["state"] == "failed":
+        if health["database"]["state"] == "failed":
+            print(f"demo: {failed}", file=sys.stderr)
             return None
-        if done(database):
-            return database
+        if done(health["database"]):
+            return health
+    print(f"demo: {timed_out or failed}", file=sys.stderr)
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# restart-db
+
+
+def restart_db(url: str | None, down_for: float, wait: bool = True) -> int:
+    """Ask the running demo to restart its embedded database; wait until it is back."""
+    base = _base_url(url)
+    request = urllib.request.Request(
+        f"{base}/_demo/restart-db?down_for={down_for}",
+        method="POST",
+        headers={"X-Demo-Action": "restart-db"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            print("demo: this demo does not run its own database (DATABASE_URL is set), so it "
+                  "cannot restart it; restart your server yourself", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"demo: restart refused ({exc.code}): {exc.read().decode(errors='replace')}",
+                  file=sys.stderr)  # fmt: skip
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"demo: no demo answers at {base} ({exc}); start it with python -m demo",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    number = answer["restart"]
+    print(f"restart {number}: stopping the embedded PostgreSQL (fast shutdown), "
+          f"down for {down_for:g}s ...", flush=True)  # fmt: skip
+    if not wait:
+        return 0
+
+    def back(database: dict[str, Any]) -> bool:
+        restarts = {r["number"]: r for r in database.get("restarts", [])}
+        done = restarts.get(number)
+        return bool(done and done["started_at"] is not None and database["state"] == "running")
+
+    health = _wait_health(
+        base, back, down_for + 60,
+        failed="the database failed to start again; see the demo's log",
+        timed_out="the database did not come back within a minute",
+    )  # fmt: skip
+    if health is None:
+        return 1
+    done = {r["number"]: r for r in health["database"]["restarts"]}[number]
+    print(f"back: accepting connections {done['started_at'] - done['stopped_at']:.2f}s "
+          f"after the stop. Requests so far: {health['requests']['ok']} ok, "
+          f"{health['requests']['unavailable']} answered 503.")  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# failover-db, rebuild-standby
 
 
 def failover_db(url: str | None, gap: float, wait: bool = True) -> int:
     """Ask the running demo to fail its embedded database over to the standby."""
-    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
+    base = _base_url(url)
     status, answer = _post(base, f"/_demo/failover?gap={gap}", "failover")
     if status != 202:
         return _refused(base, "fail over", status, answer)
@@ -444,7 +471,7 @@ def failover_db(url: str | None, gap: float, wait: bool = True) -> int:
           f"127.0.0.1:{answer['to_port']} in {gap:g}s ...", flush=True)  # fmt: skip
     if not wait:
         return 0
-    database = _wait_database(
+    health = _wait_health(
         base,
         lambda d: (
             len(d["failovers"]) >= number
@@ -452,11 +479,11 @@ def failover_db(url: str | None, gap: float, wait: bool = True) -> int:
             and d["state"] == "running"
         ),
         gap + 60,
+        failed="the failover did not finish; see the demo's log",
     )
-    if database is None:
-        print("demo: the failover did not finish; see the demo's log", file=sys.stderr)
+    if health is None:
         return 1
-    done = database["failovers"][number - 1]
+    done = health["database"]["failovers"][number - 1]
     print(f"done: 127.0.0.1:{done['to_port']} is the primary, promoted "
           f"{done['promoted_at'] - done['demoted_at']:.2f}s after the demotion. "
           "python -m demo rebuild-standby makes a new standby.")  # fmt: skip
@@ -465,7 +492,7 @@ def failover_db(url: str | None, gap: float, wait: bool = True) -> int:
 
 def rebuild_standby(url: str | None, wait: bool = True) -> int:
     """Ask the running demo to replace its demoted server by a fresh standby."""
-    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
+    base = _base_url(url)
     status, answer = _post(base, "/_demo/rebuild-standby", "rebuild-standby")
     if status != 202:
         return _refused(base, "rebuild the standby of", status, answer)
@@ -479,8 +506,7 @@ def rebuild_standby(url: str | None, wait: bool = True) -> int:
         roles = {s["port"]: s["role"] for s in database["servers"]}
         return roles.get(port) == "standby"
 
-    if _wait_database(base, rebuilt, 60) is None:
-        print("demo: the standby was not rebuilt; see the demo's log", file=sys.stderr)
+    if _wait_health(base, rebuilt, 60, "the standby was not rebuilt; see the demo's log") is None:
         return 1
     print(f"done: 127.0.0.1:{port} is a standby again; python -m demo failover-db fails back.")
     return 0
@@ -492,7 +518,7 @@ def rebuild_standby(url: str | None, wait: bool = True) -> int:
 
 def chaos_db(url: str | None, pause: float, wait: bool = True) -> int:
     """Ask the running demo for the chaos mix; print each step as it ends, then the outcome."""
-    base = (url or f"http://127.0.0.1:{os.environ.get('DEMO_PORT') or 8000}").rstrip("/")
+    base = _base_url(url)
     status, answer = _post(base, f"/_demo/chaos?pause={pause}", "chaos")
     if status != 202:
         return _refused(base, "run the chaos mix on", status, answer)
@@ -515,13 +541,11 @@ def chaos_db(url: str | None, pause: float, wait: bool = True) -> int:
                       f"({took:.2f}s)", flush=True)  # fmt: skip
         return not chaos.get("running") and database["state"] == "running"
 
-    if _wait_database(base, report, 4 * pause + 90) is None:
-        print("demo: the chaos mix did not finish; see the demo's log", file=sys.stderr)
+    failed = "the chaos mix did not finish; see the demo's log"
+    if _wait_health(base, report, 4 * pause + 90, failed) is None:
         return 1
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
-            health = json.load(response)
-    except (urllib.error.URLError, OSError):
+    health = _health(base)
+    if health is None:
         return 0
     requests, pool = health["requests"], health["pool"]
     print(f"done. Requests so far: {requests['ok']} ok, {requests['unavailable']} answered 503; "

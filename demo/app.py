@@ -210,6 +210,8 @@ class DemoState:
                     # left nothing behind, and those whose COMMIT was cut in flight
                     "transaction_retries": stats.transaction_retries,
                     "outcomes_unknown": stats.outcomes_unknown,
+                    # ... and those settled by asking the server how the COMMIT ended
+                    "outcomes_resolved": stats.outcomes_resolved,
                     "last_error": None if last is None else {
                         "class": last.error_class,
                         "sqlstate": last.sqlstate,

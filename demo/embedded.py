@@ -4,8 +4,10 @@ rebuild the standby, the chaos mix)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -148,6 +150,20 @@ class EmbeddedDatabase:
         with self._lock:
             self._busy = False
 
+    @contextlib.contextmanager
+    def _claimed(self) -> Iterator[None]:
+        """Run an action claimed by a ``begin_*`` method: if it fails, the database is
+        ``failed``; either way the claim ends, and ``chaos_running`` (which
+        :meth:`begin_chaos` sets) with it."""
+        try:
+            yield
+        except BaseException:
+            self.state = "failed"
+            raise
+        finally:
+            self.chaos_running = False
+            self._release()
+
     def begin_restart(self) -> bool:
         """Claim the right to restart; False if a restart (or failover) is already under way."""
         return self._claim() is None
@@ -180,7 +196,7 @@ class EmbeddedDatabase:
         Blocking: run it in a thread. Call :meth:`begin_restart` first.
         """
         number = len(self.restarts) + 1
-        try:
+        with self._claimed():
             self.state = "stopping"
             self.primary.stop("fast")
             stopped_at = time.time()
@@ -191,11 +207,6 @@ class EmbeddedDatabase:
             self.primary.start()
             self.restarts[-1] = Restart(number, stopped_at, time.time())
             self.state = "running"
-        except BaseException:
-            self.state = "failed"
-            raise
-        finally:
-            self._release()
 
     def failover(self, gap: float) -> None:
         """Turn the writer read-only (it stays reachable); ``gap`` s later, promote the standby.
@@ -208,7 +219,7 @@ class EmbeddedDatabase:
         old, new = self.primary, self.standby
         assert new is not None, "begin_failover() first"
         number = len(self.failovers) + 1
-        try:
+        with self._claimed():
             self.state = "failing over"
             old.set_read_only()
             demoted_at = time.time()
@@ -218,11 +229,6 @@ class EmbeddedDatabase:
             self.failovers[-1] = Failover(number, old.port, new.port, demoted_at, time.time())
             self.primary, self.standby, self.demoted = new, None, old
             self.state = "running"
-        except BaseException:
-            self.state = "failed"
-            raise
-        finally:
-            self._release()
 
     def chaos(self, pause: float = 5.0, down_for: float = 2.0) -> None:
         """The chaos mix on the current writer, each step ``pause`` seconds after the previous
@@ -234,7 +240,7 @@ class EmbeddedDatabase:
         it after the current step.
         """
         run = self.chaos_runs
-        try:
+        with self._claimed():
             for index, (kind, label) in enumerate(CHAOS_STEPS, start=1):
                 if index > 1 and self._stopping.wait(pause):
                     break
@@ -253,12 +259,6 @@ class EmbeddedDatabase:
                     )
                     raise
                 self.chaos_steps[position] = replace(step, done_at=time.time(), detail=detail)
-        except BaseException:
-            self.state = "failed"
-            raise
-        finally:
-            self.chaos_running = False
-            self._release()
 
     def _chaos_step(self, kind: ChaosKind, server: PostgresServer, down_for: float) -> str:
         if kind == "terminate":
@@ -285,17 +285,14 @@ class EmbeddedDatabase:
         """
         old = self.demoted
         assert old is not None, "begin_rebuild() first"
-        try:
-            self._rebuilding_port = old.port
-            self.demoted = None
-            old.destroy()
-            self.standby = self.primary.standby(port=old.port)
-        except BaseException:
-            self.state = "failed"
-            raise
-        finally:
-            self._rebuilding_port = None
-            self._release()
+        with self._claimed():
+            try:
+                self._rebuilding_port = old.port
+                self.demoted = None
+                old.destroy()
+                self.standby = self.primary.standby(port=old.port)
+            finally:
+                self._rebuilding_port = None
 
     def servers(self) -> list[dict[str, Any]]:
         """Each server by port (in the URL's order): its role and whether it runs."""

@@ -324,6 +324,9 @@ class PoolCollector(Collector):
             ("demo_pool_outcomes_unknown",
              "Units of work whose COMMIT was cut in flight (outcome unknown)",
              stats.outcomes_unknown),
+            ("demo_pool_outcomes_resolved",
+             "Units of work whose COMMIT was cut in flight, settled by asking the server",
+             stats.outcomes_resolved),
         ):  # fmt: skip
             counter = CounterMetricFamily(name, documentation, labels=labels)
             counter.add_metric([self._pool], value)

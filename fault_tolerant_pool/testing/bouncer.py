@@ -18,7 +18,6 @@ from typing import Literal
 
 from .server import (
     ChildService,
-    LogWatcher,
     PostgresServer,
     ServerError,
     ServerUnavailable,
@@ -26,13 +25,11 @@ from .server import (
     free_port,
     kill_group,
     log_size,
-    log_tail,
     make_workdir,
     registry,
     run_as,
     run_psql,
     sqlalchemy_url,
-    wait_for_exit,
 )
 
 __all__ = ["PgBouncer", "find_pgbouncer"]
@@ -73,6 +70,7 @@ class PgBouncer(ChildService):
     """
 
     destroy_signal = signal.SIGTERM  # pgbouncer's immediate shutdown
+    _program = "pgbouncer"
 
     host = "127.0.0.1"
 
@@ -187,27 +185,7 @@ class PgBouncer(ChildService):
 
     def wait_ready(self, timeout: float = 30.0) -> float:
         """Wait until pgbouncer logs that it is up; sets and returns ``ready_at``."""
-        proc = self._proc
-        if proc is None:
-            raise ServerError("pgbouncer was never started")
-        watcher = LogWatcher(self.log_path, self._log_offset)
-        deadline = time.monotonic() + timeout
-        while True:
-            if watcher.seen(_READY_MARKER):
-                self.ready_at = time.monotonic()
-                return self.ready_at
-            if proc.poll() is not None:
-                raise ServerError(
-                    f"pgbouncer on port {self.port} exited with code {proc.returncode} while "
-                    f"starting; {self._logs()}"
-                )
-            if time.monotonic() >= deadline:
-                raise ServerError(f"pgbouncer on port {self.port} not up after {timeout} s; "
-                                  + self._logs())  # fmt: skip
-            time.sleep(0.005)
-
-    def _logs(self) -> str:
-        return f"log tail:\n{log_tail(self.log_path)}"
+        return self._wait_logged((_READY_MARKER,), timeout)
 
     def read_log(self) -> str:
         """Everything pgbouncer has logged, across restarts."""
@@ -220,20 +198,7 @@ class PgBouncer(ChildService):
         self, mode: BouncerStopMode = "immediate", wait: bool = True, timeout: float = 30.0
     ) -> None:
         """Shut down: ``immediate`` (SIGTERM) or ``safe`` (SIGINT: waits for queries to finish)."""
-        with self._lock:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                self._reap()
-                return
-            proc.send_signal(_STOP_SIGNALS[mode])
-            if not wait:
-                return
-            if not wait_for_exit(proc, timeout):
-                raise ServerError(
-                    f"pgbouncer on port {self.port} did not stop ({mode}) within {timeout} s; "
-                    + self._logs()
-                )
-            self._reap()
+        self._stop(_STOP_SIGNALS[mode], mode, wait, timeout)
 
     def kill(self) -> None:
         """SIGKILL pgbouncer, like a crash: clients lose their connections without a word."""

@@ -471,12 +471,19 @@ _Service = TypeVar("_Service", bound="ChildService")
 
 
 class ChildService:
-    """The life cycle a server process of the toolkit shares: a direct child, reaped when it
-    exits, destroyed (process and directory) on ``destroy()`` or at the end of a ``with``."""
+    """The life cycle a server process of the toolkit shares: a direct child, ready once its log
+    says so, stopped by a signal, reaped when it exits, destroyed (process and directory) on
+    ``destroy()`` or at the end of a ``with``."""
 
     #: The signal ``destroy()`` stops the process with (the service's "immediate" shutdown).
     destroy_signal: signal.Signals = signal.SIGQUIT
+    #: The program, as error messages name it.
+    _program: str
+    port: int
     workdir: Path
+    log_path: Path
+    ready_at: float | None
+    _log_offset: int  # where the log stood at the last start
     _proc: subprocess.Popen[bytes] | None
     _lock: threading.RLock
 
@@ -488,6 +495,51 @@ class ChildService:
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:
         raise NotImplementedError
+
+    def _wait_logged(self, markers: tuple[str, ...], timeout: float) -> float:
+        """Wait until the log shows one of ``markers`` since the last start; sets and returns
+        ``ready_at``. The process exiting first, or ``timeout`` passing, is a ServerError."""
+        proc = self._proc
+        if proc is None:
+            raise ServerError(f"{self._program} was never started")
+        watcher = LogWatcher(self.log_path, self._log_offset)
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(watcher.seen(marker) for marker in markers):
+                self.ready_at = time.monotonic()
+                return self.ready_at
+            if proc.poll() is not None:
+                raise ServerError(
+                    f"{self._program} on port {self.port} exited with code {proc.returncode} "
+                    f"while starting; {self._logs()}"
+                )
+            if time.monotonic() >= deadline:
+                raise ServerError(
+                    f"{self._program} on port {self.port} not ready after {timeout} s; "
+                    + self._logs()
+                )
+            time.sleep(0.005)
+
+    def _stop(self, sig: signal.Signals, mode: str, wait: bool, timeout: float) -> None:
+        """Send ``sig`` (the shutdown ``mode``); with ``wait``, return once the process has
+        exited, or raise ServerError after ``timeout`` seconds."""
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                self._reap()
+                return
+            proc.send_signal(sig)
+            if not wait:
+                return
+            if not wait_for_exit(proc, timeout):
+                raise ServerError(
+                    f"{self._program} on port {self.port} did not stop ({mode}) within "
+                    f"{timeout} s; " + self._logs()
+                )
+            self._reap()
+
+    def _logs(self) -> str:
+        return f"log tail:\n{log_tail(self.log_path)}"
 
     def _reap(self) -> None:
         """Forget a process that has exited (collecting its exit status)."""
@@ -539,6 +591,7 @@ class PostgresServer(ChildService):
 
     host = "127.0.0.1"
     dbname = "postgres"
+    _program = "postgres"
 
     def __init__(
         self,
@@ -637,43 +690,11 @@ class PostgresServer(ChildService):
 
     def wait_ready(self, timeout: float = 30.0) -> float:
         """Wait until the log says the server accepts connections; sets and returns ``ready_at``."""
-        proc = self._proc
-        if proc is None:
-            raise ServerError("server was never started")
-        watcher = LogWatcher(self.log_path, self._log_offset)
-        deadline = time.monotonic() + timeout
-        while True:
-            if any(watcher.seen(marker) for marker in _READY_MARKERS):
-                self.ready_at = time.monotonic()
-                return self.ready_at
-            if proc.poll() is not None:
-                raise ServerError(
-                    f"postgres on port {self.port} exited with code {proc.returncode} while "
-                    f"starting; log tail:\n{log_tail(self.log_path)}"
-                )
-            if time.monotonic() >= deadline:
-                raise ServerError(
-                    f"postgres on port {self.port} not ready after {timeout} s; "
-                    f"log tail:\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.005)
+        return self._wait_logged(_READY_MARKERS, timeout)
 
     def stop(self, mode: StopMode = "fast", wait: bool = True, timeout: float = 30.0) -> None:
         """Shut down: ``fast`` (SIGINT), ``smart`` (SIGTERM, waits for clients) or ``immediate``."""
-        with self._lock:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                self._reap()
-                return
-            proc.send_signal(_STOP_SIGNALS[mode])
-            if not wait:
-                return
-            if not wait_for_exit(proc, timeout):
-                raise ServerError(
-                    f"postgres on port {self.port} did not stop ({mode}) within {timeout} s; "
-                    f"log tail:\n{log_tail(self.log_path)}"
-                )
-            self._reap()
+        self._stop(_STOP_SIGNALS[mode], mode, wait, timeout)
 
     def kill(self) -> None:
         """Crash the server: SIGKILL every server process at once; the next start() recovers.

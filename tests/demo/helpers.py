@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -14,12 +15,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
 from demo import Settings, create_app
 from demo.embedded import EmbeddedDatabase
+from demo.patroni import PatroniDemo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,15 +32,34 @@ async def running_app(
     settings: Settings,
     database: EmbeddedDatabase | None = None,
     client_address: tuple[str, int] = ("127.0.0.1", 50000),
+    *,
+    patroni: PatroniDemo | None = None,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app with its lifespan run, and an httpx client talking ASGI to it."""
-    app = create_app(settings, database=database)
+    app = create_app(settings, database=database, patroni=patroni)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=client_address)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://demo", timeout=60
         ) as client:
             yield app, client
+
+
+async def wait_for_database(
+    client: httpx.AsyncClient,
+    done: Callable[[dict[str, Any]], object],
+    what: str,
+    timeout: float = 30,
+    interval: float = 0.05,
+) -> Any:
+    """Poll ``/health`` (what the page polls) until ``done(its database part)``; that part."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        database = (await client.get("/health")).json()["database"]
+        if done(database):
+            return database
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} did not happen: {database}")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -90,6 +112,16 @@ def demo_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
+
+
+def run_demo(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 90.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m demo ARGS`` (e.g. ``restart-db --url ...``) to its end; its output."""
+    return subprocess.run(
+        demo_command(*args), cwd=ROOT, env=demo_env(env), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -40,14 +40,19 @@ def demo_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: s for name, s in compose["services"].items() if "build" in s}
 
 
-def test_compose_file_matches_the_compose_specification() -> None:
+def check_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    """``check-jsonschema`` on a compose file, against the Compose Specification's schema."""
     check = Path(sys.executable).with_name("check-jsonschema")
-    result = subprocess.run(
-        [str(check), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+    return subprocess.run(
+        [str(check), "--builtin-schema", "vendor.compose-spec", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    result = check_schema(COMPOSE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -56,13 +61,7 @@ def test_the_schema_check_catches_a_mistake(tmp_path: Path) -> None:
     broken.write_text(
         COMPOSE.read_text(encoding="utf-8").replace("    healthcheck:", "    healthchek:", 1)
     )
-    check = Path(sys.executable).with_name("check-jsonschema")
-    result = subprocess.run(
-        [str(check), "--builtin-schema", "vendor.compose-spec", str(broken)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = check_schema(broken)
     assert result.returncode == 1 and "healthchek" in result.stdout
 
 

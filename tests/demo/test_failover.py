@@ -22,7 +22,7 @@ from demo import Settings
 from demo.embedded import EmbeddedDatabase
 from fault_tolerant_pool.testing import PostgresServer
 
-from .helpers import running_app
+from .helpers import running_app, wait_for_database
 
 pytestmark = [pytest.mark.anyio, pytest.mark.db]
 
@@ -40,16 +40,6 @@ class Write:
     ended: float
     status: int
     body: dict[str, Any]
-
-
-async def wait_for(client: httpx.AsyncClient, done: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = (await client.get("/health")).json()
-        if done(health["database"]):
-            return health["database"]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} did not happen: {health['database']}")
 
 
 async def fail_over_under_writes(
@@ -79,7 +69,7 @@ async def fail_over_under_writes(
         }  # fmt: skip
         busy = await client.post("/_demo/failover", headers=FAILOVER)
         assert busy.status_code == 409 and "busy" in busy.json()["detail"]
-        database = await wait_for(
+        database = await wait_for_database(
             client,
             lambda d: (
                 len(d["failovers"]) == number
@@ -157,7 +147,7 @@ async def test_fail_over_moves_the_writes_and_the_second_click_rebuilds_the_stan
             # The second click: the demoted server is replaced by a standby of the new primary.
             rebuild = await client.post("/_demo/rebuild-standby", headers=REBUILD)
             assert rebuild.status_code == 202 and rebuild.json() == {"port": a, "upstream_port": b}
-            await wait_for(
+            await wait_for_database(
                 client,
                 lambda d: [s["role"] for s in d["servers"]] == ["standby", "primary"],
                 "the rebuild",

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 
 import httpx
 import pytest
@@ -14,9 +13,16 @@ import pytest
 from _fault_tolerant_pool_pytest import _require
 from fault_tolerant_pool.testing import PostgresServer
 
-from .helpers import ROOT, OtlpReceiver, demo_command, demo_env, demo_process, wait_until
+from .helpers import OtlpReceiver, demo_process, run_demo, wait_until
 
 pytestmark = pytest.mark.db
+
+
+def command_output(*args: str, timeout: float = 90) -> str:
+    """What ``python -m demo ARGS`` (a command to the running demo) printed; it must succeed."""
+    result = run_demo(*args, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 def refuses(port: int) -> bool:
@@ -70,13 +76,9 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
                 assert "fault_tolerant_pool_connect_attempts_total{" in metrics
 
                 # The second command restarts the embedded database while the demo runs.
-                restart = subprocess.run(
-                    demo_command("restart-db", "--url", demo.base_url, "--down-for", "0.5"),
-                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=90,
-                )  # fmt: skip
-                assert restart.returncode == 0, restart.stdout + restart.stderr
-                assert "restart 1: stopping the embedded PostgreSQL" in restart.stdout
-                assert re.search(r"back: accepting connections \d+\.\d+s after", restart.stdout)
+                restart = command_output("restart-db", "--url", demo.base_url, "--down-for", "0.5")
+                assert "restart 1: stopping the embedded PostgreSQL" in restart
+                assert re.search(r"back: accepting connections \d+\.\d+s after", restart)
                 assert client.get("/pg_version/").status_code == 200
                 assert client.get("/notes/").json()["count"] == 1
                 health = client.get("/health").json()
@@ -95,37 +97,27 @@ def test_embedded_database_serves_restarts_traces_and_stops_cleanly() -> None:
 
                 # A third command fails it over; the next write lands on the promoted standby.
                 assert "python -m demo failover-db --url" in demo.banner_value("failover")
-                failover = subprocess.run(
-                    demo_command("failover-db", "--url", demo.base_url, "--gap", "0.2"),
-                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=90,
-                )  # fmt: skip
-                assert failover.returncode == 0, failover.stdout + failover.stderr
+                failover = command_output("failover-db", "--url", demo.base_url, "--gap", "0.2")
                 assert f"failover 1: 127.0.0.1:{pg_port} turned read-only, promoting " \
-                    f"127.0.0.1:{standby_port} in 0.2s" in failover.stdout  # fmt: skip
-                assert f"done: 127.0.0.1:{standby_port} is the primary" in failover.stdout
+                    f"127.0.0.1:{standby_port} in 0.2s" in failover  # fmt: skip
+                assert f"done: 127.0.0.1:{standby_port} is the primary" in failover
                 # (a write that meets the demoted writer is run again on the new primary)
                 note = client.post("/notes/", json={"text": "after"})
                 assert note.status_code == 201 and note.json()["server_port"] == standby_port
-                rebuild = subprocess.run(
-                    demo_command("rebuild-standby", "--url", demo.base_url),
-                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=90,
-                )  # fmt: skip
-                assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
-                assert f"done: 127.0.0.1:{pg_port} is a standby again" in rebuild.stdout
+                rebuild = command_output("rebuild-standby", "--url", demo.base_url)
+                assert f"done: 127.0.0.1:{pg_port} is a standby again" in rebuild
 
                 # A fourth runs the chaos mix on the writer and prints each step as it ends.
                 assert "python -m demo chaos-db --url" in demo.banner_value("chaos")
-                chaos = subprocess.run(
-                    demo_command("chaos-db", "--url", demo.base_url, "--pause", "0.5"),
-                    cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=120,
-                )  # fmt: skip
-                assert chaos.returncode == 0, chaos.stdout + chaos.stderr
+                chaos = command_output(
+                    "chaos-db", "--url", demo.base_url, "--pause", "0.5", timeout=120
+                )
                 assert f"chaos mix 1 on 127.0.0.1:{standby_port}: terminate, restart, crash, " \
-                    "terminate, 0.5s apart" in chaos.stdout  # fmt: skip
+                    "terminate, 0.5s apart" in chaos  # fmt: skip
                 for step in ("1/4 terminate every client session", "2/4 fast restart",
                              "3/4 crash", "4/4 terminate every client session again"):  # fmt: skip
-                    assert f"  step {step}" in chaos.stdout, chaos.stdout
-                assert re.search(r"done\. Requests so far: \d+ ok, 0 answered 503", chaos.stdout)
+                    assert f"  step {step}" in chaos, chaos
+                assert re.search(r"done\. Requests so far: \d+ ok, 0 answered 503", chaos)
                 assert client.post("/notes/", json={"text": "after chaos"}).status_code == 201
 
             assert demo.stop(signal.SIGINT) == 0, demo.output
@@ -162,24 +154,14 @@ def test_database_url_is_used_and_left_running(pg_server: PostgresServer) -> Non
             health = client.get("/health").json()
             assert health["database"]["embedded"] is False
             assert pg_server.password not in str(health)
-        refused = subprocess.run(
-            demo_command("restart-db", "--url", demo.base_url),
-            cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert refused.returncode == 1
-        assert "does not run its own database" in refused.stderr
-        refused = subprocess.run(
-            demo_command("failover-db", "--url", demo.base_url),
-            cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert refused.returncode == 1
-        assert "cannot fail over it" in refused.stderr
-        refused = subprocess.run(
-            demo_command("chaos-db", "--url", demo.base_url),
-            cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert refused.returncode == 1
-        assert "cannot run the chaos mix on it" in refused.stderr
+        for command, why in (
+            ("restart-db", "does not run its own database"),
+            ("failover-db", "cannot fail over it"),
+            ("chaos-db", "cannot run the chaos mix on it"),
+        ):
+            refused = run_demo(command, "--url", demo.base_url, timeout=60)
+            assert refused.returncode == 1
+            assert why in refused.stderr, refused.stderr
         assert demo.stop(signal.SIGTERM) == 0, demo.output
         assert "demo stopped" in demo.output
     assert pg_server.is_running, "a server the demo did not start is left alone"
@@ -187,14 +169,7 @@ def test_database_url_is_used_and_left_running(pg_server: PostgresServer) -> Non
 
 
 def test_bad_settings_are_refused_by_name() -> None:
-    result = subprocess.run(
-        demo_command(),
-        cwd=ROOT,
-        env=demo_env({"DATABASE_URL": "mysql://u:hunter2@db/x", "DEMO_PORT": "0"}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_demo(env={"DATABASE_URL": "mysql://u:hunter2@db/x", "DEMO_PORT": "0"}, timeout=60)
     assert result.returncode == 2
     assert "DATABASE_URL uses 'mysql'" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout

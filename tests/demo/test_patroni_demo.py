@@ -12,19 +12,19 @@ HAProxy routing) before the next press.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from _fault_tolerant_pool_pytest import _require
-from demo import Settings, create_app
+from demo import Settings
 from demo.patroni import PatroniDemo
+
+from .helpers import running_app, wait_for_database
 
 pytestmark = [pytest.mark.anyio, pytest.mark.db, pytest.mark.patroni]
 
@@ -41,29 +41,12 @@ class Write:
     body: dict[str, Any]
 
 
-@contextlib.asynccontextmanager
-async def running_app(
-    settings: Settings, patroni: PatroniDemo
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The app on the cluster with its lifespan run, and an httpx client talking ASGI to it."""
-    app = create_app(settings, patroni=patroni)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://demo", timeout=60
-        ) as client:
-            yield app, client
-
-
-async def wait_for(client: httpx.AsyncClient, done: Any, what: str, timeout: float = 30) -> Any:
+async def wait_for(
+    client: httpx.AsyncClient, done: Callable[[dict[str, Any]], object], what: str
+) -> Any:
     """Poll ``/health`` (what the page polls) until ``done(its Patroni part)``; that part."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        database = (await client.get("/health")).json()["database"]
-        if done(database["patroni"]):
-            return database["patroni"]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} did not happen: {database}")
+    database = await wait_for_database(client, lambda d: done(d["patroni"]), what, interval=0.1)
+    return database["patroni"]
 
 
 def finished(patroni: dict[str, Any], number: int) -> bool:
@@ -73,6 +56,17 @@ def finished(patroni: dict[str, Any], number: int) -> bool:
         return False
     action = actions[number - 1]
     return action["restored_at"] is not None or action["error"] is not None
+
+
+async def action_done(
+    client: httpx.AsyncClient, number: int, what: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Wait until the page's ``number``-th action is over: the page and that action (which must
+    have succeeded)."""
+    page = await wait_for(client, lambda p: finished(p, number), what)
+    action: dict[str, Any] = page["actions"][-1]
+    assert action["error"] is None, action
+    return page, action
 
 
 async def test_switch_over_moves_the_writes_to_the_new_leader_and_the_page_shows_it() -> None:
@@ -85,7 +79,7 @@ async def test_switch_over_moves_the_writes_to_the_new_leader_and_the_page_shows
         url = patroni.url("asyncpg")
         assert f":{patroni.cluster.haproxy_port}/" in url  # HAProxy's read-write port by default
         settings = Settings(database_url=url, patroni=True)
-        async with running_app(settings, patroni) as (app, client):
+        async with running_app(settings, patroni=patroni) as (app, client):
             writes: list[Write] = []
             stop = asyncio.Event()
 
@@ -117,13 +111,7 @@ async def test_switch_over_moves_the_writes_to_the_new_leader_and_the_page_shows
                 busy = await client.post("/_demo/kill-leader", headers=KILL_LEADER)
                 assert busy.status_code == 409 and "busy" in busy.json()["detail"]
 
-                page = await wait_for(
-                    client,
-                    lambda p: finished(p, 1),
-                    "the switchover and the restore",
-                )
-                switchover = page["actions"][-1]
-                assert switchover["error"] is None, switchover
+                page, switchover = await action_done(client, 1, "the switchover and the restore")
                 assert (switchover["from_node"], switchover["to_node"]) == (old, new)
                 restored_at = switchover["restored_at"]
                 # the writes move to the new leader, and the page's data reports it as leader
@@ -145,13 +133,7 @@ async def test_switch_over_moves_the_writes_to_the_new_leader_and_the_page_shows
                 killed = await client.post("/_demo/kill-leader", headers=KILL_LEADER)
                 assert killed.status_code == 202, killed.text
                 assert killed.json() == {"action": 2, "kind": "kill-leader", "leader": new}
-                page = await wait_for(
-                    client,
-                    lambda p: finished(p, 2),
-                    "the kill and the restore",
-                )
-                kill = page["actions"][-1]
-                assert kill["error"] is None, kill
+                page, kill = await action_done(client, 2, "the kill and the restore")
                 assert (kill["from_node"], kill["to_node"]) == (new, new)
                 before = page["writes"].get(new, 0)
                 page = await wait_for(
