@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import caller_deadline
 from .classify import (
     Classifier,
     Verdict,
@@ -131,8 +132,9 @@ class RetryingConnector:
             return self._connect(record, trace)
 
     def _connect(self, record: Any, trace: ConnectTrace | Untraced) -> Any:
-        backoff = Backoff(self.policy, self.clock())
-        timer = AttemptTimer(self.policy.attempt_timeout)
+        policy = caller_deadline.policy_for(self.policy)  # a read router's shorter deadline
+        backoff = Backoff(policy, self.clock())
+        timer = AttemptTimer(policy.attempt_timeout)
         credentials = self.credentials
         refreshed = False
         gate = self.gate
@@ -243,7 +245,7 @@ class RetryingConnector:
 
     def _admit(self, gate: Gate, backoff: Backoff) -> None:
         """Wait for the gate's leave to attempt; raise what the caller sees when it refuses."""
-        admission = gate.enter(backoff.started + self.policy.deadline, self.in_loop())
+        admission = gate.enter(backoff.started + backoff.policy.deadline, self.in_loop())
         if admission is Admission.GO:
             return
         if admission is Admission.REJECTED:

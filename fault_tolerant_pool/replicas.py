@@ -20,8 +20,10 @@ rotation; a writer that comes back as a standby joins it. When no reader is in r
 go to the writer (``fallback_to_writer``) or raise :class:`NoReaderAvailable`.
 
 A checkout that fails on the chosen reader (its pool gave up) is tried on the next reader, then
-on the writer, before the connection is handed out. Statements in flight on a reader that goes
-away fail as on any engine: hand the read to the transaction runner
+on the writer, before the connection is handed out; a checkout on a reader gives up after
+``check_timeout``, not its pool's ``retry_deadline`` (an async one is cancelled, a sync one's
+connects take it as their deadline: :mod:`.caller_deadline`). Statements in flight on a reader
+that goes away fail as on any engine: hand the read to the transaction runner
 (``run_transaction_async(router.reads, fn)``) and it runs again on another server.
 
 Read-your-writes: after a transaction on the writer commits, reads in the same context (the
@@ -48,9 +50,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker as _sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
+from . import watchdog
 from ._asyncio_ext import AsyncConnection, AsyncEngine, AsyncSession
 from ._asyncio_ext import async_sessionmaker as _async_sessionmaker
+from .caller_deadline import connects_within
 from .policy import _number
 from .telemetry import INSTRUMENTATION_NAME, _version
 
@@ -60,6 +65,14 @@ logger = logging.getLogger("fault_tolerant_pool.replicas")
 DEFAULT_MAX_REPLICA_LAG = 5.0
 DEFAULT_CHECK_INTERVAL = 1.0
 DEFAULT_CHECK_TIMEOUT = 1.5
+
+#: A sync check's statement is given at least this long, however long its connect took: a
+#: healthy server answers in milliseconds, and one that does not is out of rotation by then.
+MIN_CHECK_STATEMENT = 0.5
+#: Seconds ``close()`` waits for the sync checkers beyond ``check_timeout``: a check in flight
+#: ends by then (its connect gives up at ``check_timeout``, libpq's connect timeout is whole
+#: seconds, at least 2; its statement is cut).
+CLOSE_SLACK = 1.0
 
 #: One round trip per check: whether the server is a standby, and its lag in seconds. A standby
 #: that has replayed all it received from a primary it streams from is not behind (however old
@@ -193,7 +206,11 @@ def _check_engine(reader: _Reader) -> Engine | AsyncEngine:
     same creator, credentials and settings): a check never queues behind the requests for a
     slot of a busy reader's pool, which would look like a server too slow to answer."""
     sync = reader.sync_engine
-    engine = Engine(sync.pool.recreate(), sync.dialect, sync.url, logging_name=sync.logging_name)
+    pool = sync.pool
+    engine = Engine(pool.recreate(), sync.dialect, sync.url, logging_name=sync.logging_name)
+    telemetry = getattr(pool, "_telemetry", None)
+    if telemetry is not None:
+        telemetry.bind(pool)  # the reader's gauges read its own pool, not the checker's
     return AsyncEngine(engine) if isinstance(reader.engine, AsyncEngine) else engine
 
 
@@ -365,7 +382,7 @@ class ReplicaRouter:
         tried: tuple[_Reader, ...] = ()
         while True:
             try:
-                connection: Connection = engine.connect()
+                connection = self._checkout_sync(engine)
             except Exception:
                 reader = self._reader_of(engine)
                 if reader is None:
@@ -375,6 +392,15 @@ class ReplicaRouter:
             if read_only and engine is self.writer:
                 connection.execution_options(**_READ_ONLY)
             return connection
+
+    def _checkout_sync(self, engine: Engine) -> Connection:
+        if engine is self._sync_writer:
+            return engine.connect()
+        # A reader that stopped a moment ago: its pool would retry the reconnect for its whole
+        # retry_deadline; another server can serve this read now (the async checkout is
+        # cancelled after check_timeout, a thread's cannot be: its connects give up then).
+        with connects_within(self.check_timeout):
+            return engine.connect()
 
     def _reader_of(self, engine: Any) -> _Reader | None:
         for reader in self._readers:
@@ -525,8 +551,10 @@ class ReplicaRouter:
 
     def close(self) -> None:
         """Stop the checkers and close their connections (the engines given to the router stay
-        open: they are the application's). An async router: call ``await aclose()``, which
-        also waits for its checker tasks to end and closes their connections."""
+        open: they are the application's). A sync router waits for its checker threads, about
+        ``check_timeout`` at most: each closes its connections as it ends. An async router:
+        call ``await aclose()``, which also waits for its checker tasks to end and closes their
+        connections."""
         if not self._closed:
             event.remove(self._sync_writer, "commit", self._committed)
             for reader in self._readers:
@@ -536,20 +564,21 @@ class ReplicaRouter:
         self._stop.set()
         for task in self._tasks:
             task.cancel()
+        until = time.monotonic() + self.check_timeout + CLOSE_SLACK
         for thread in self._threads:
-            thread.join(self.check_timeout)
-        if not self.asynchronous:
-            for reader in self._readers:
-                if isinstance(reader.check_engine, Engine):
-                    reader.check_engine.dispose()
+            thread.join(max(0.0, until - time.monotonic()))
+        left = [thread.name for thread in self._threads if thread.is_alive()]
+        if left:
+            logger.warning("router closed with checks still in flight: %s", ", ".join(left))
 
     async def aclose(self) -> None:
         """:meth:`close` for an async router, from its event loop."""
         self.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for reader in self._readers:
-            if isinstance(reader.check_engine, AsyncEngine):
-                await reader.check_engine.dispose()
+            engine = reader.check_engine
+            if isinstance(engine, AsyncEngine):
+                await greenlet_spawn(engine.sync_engine.pool.dispose)
 
     def __repr__(self) -> str:
         return f"<ReplicaRouter writer={_name(self._sync_writer)} readers=[{self._describe()}]>"
@@ -569,31 +598,49 @@ async def _check_async(engine: AsyncEngine) -> Any:
 def _check_forever_sync(
     ref: weakref.ref[ReplicaRouter], reader: _Reader, first: threading.Event, pending: list[int]
 ) -> None:
+    """A sync reader's checker thread: a check every ``check_interval`` until the router is
+    closed (or no one holds it); then it closes its engine's connections."""
     engine = reader.check_engine
     assert isinstance(engine, Engine)
     announced = False
-    while True:
-        router = ref()
-        if router is None or router._closed:
-            return
-        began = router._clock()
-        reader.checking_since = began
-        try:
-            with engine.connect() as connection:
-                row = connection.execute(LAG_SQL).one()
-            router._record(reader, began, bool(row[0]), float(row[1]))
-        except Exception as error:
-            router._failed(reader, error)
-        if not announced:
-            announced = True
-            pending[0] -= 1
-            if pending[0] <= 0:
-                first.set()
-        pause = max(0.0, router.check_interval - (router._clock() - began))
-        stop = router._stop
-        del router  # a router no one holds any more stops its checkers
-        if stop.wait(pause):
-            return
+    try:
+        while True:
+            router = ref()
+            if router is None or router._closed:
+                return
+            began = router._clock()
+            reader.checking_since = began
+            try:
+                row = _check_sync(engine, router.check_timeout)
+                router._record(reader, began, bool(row[0]), float(row[1]))
+            except Exception as error:
+                router._failed(reader, error)
+            if not announced:
+                announced = True
+                pending[0] -= 1
+                if pending[0] <= 0:
+                    first.set()
+            pause = max(0.0, router.check_interval - (router._clock() - began))
+            stop = router._stop
+            del router  # a router no one holds any more stops its checkers
+            if stop.wait(pause):
+                return
+    finally:
+        engine.pool.dispose()  # not engine.dispose(): that would make another pool
+
+
+def _check_sync(engine: Engine, timeout: float) -> Any:
+    """One check that ends within about ``timeout``, as the async one is cancelled then: its
+    connect gives up (a reader that just stopped would be retried for its pool's whole
+    ``retry_deadline``), and its statement's connection is cut (a black hole)."""
+    started = time.monotonic()
+    with connects_within(timeout):
+        connection = engine.connect()
+    with connection:
+        left = max(timeout - (time.monotonic() - started), MIN_CHECK_STATEMENT)
+        driver_connection = connection.connection.driver_connection
+        with watchdog.cut_after(left, driver_connection, "reader check"):
+            return connection.execute(LAG_SQL).one()
 
 
 def _suspect(reader: _Reader, clock: Callable[[], float]) -> Callable[[Any], None]:

@@ -34,7 +34,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -180,6 +180,27 @@ def bounded(
 
     setattr(bounded_operation, _WRAPPED, True)
     return bounded_operation
+
+
+@contextlib.contextmanager
+def cut_after(seconds: float, driver_connection: Any, what: str) -> Iterator[None]:
+    """Cut ``driver_connection`` if the block has not ended after ``seconds``: a thread blocked
+    on it (a statement sent into a black hole) then sees the connection end and raises. For sync
+    code (the watchdog thread); a driver whose socket is unknown is left unbounded."""
+    fd = socket_fd(driver_connection)
+    if fd is None:
+        yield
+        return
+
+    def expire() -> None:
+        logger.warning("a %s got no answer within %.3gs: cutting its connection", what, seconds)
+        cut(fd)
+
+    entry = _watchdog.arm(seconds, expire)
+    try:
+        yield
+    finally:
+        entry.cancel()
 
 
 #: The key in a pool record's ``__dict__`` of a connection whose last statement failed.

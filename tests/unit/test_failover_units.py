@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import ArgumentError
 
-from fault_tolerant_pool import timeouts
+from fault_tolerant_pool import timeouts, watchdog
 from fault_tolerant_pool.classify import classify, not_matching
 from fault_tolerant_pool.connector import RetryingConnector
 from fault_tolerant_pool.demotion import (
@@ -405,3 +405,22 @@ def test_a_bounded_operation_is_cut_when_it_overruns() -> None:
                             lambda conn: PsycopgConnection(fileno=b2.fileno),
                             lambda: timeouts_seen.append(2))  # fmt: skip
             assert quick(b2) == b"x" and timeouts_seen == [1]
+
+
+def test_a_block_that_overruns_has_its_connection_cut() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        started = time.monotonic()
+        with watchdog.cut_after(0.05, PsycopgConnection(fileno=a.fileno), "reader check"):
+            assert a.recv(1) == b""  # the peer never answered; the watchdog cut the socket
+        assert time.monotonic() - started < 2.0
+    c, d = socket.socketpair()
+    with c, d:
+        with watchdog.cut_after(0.05, PsycopgConnection(fileno=c.fileno), "reader check"):
+            pass  # ended in time: nothing is cut once the block is over
+        time.sleep(0.1)
+        d.send(b"y")  # still open both ways
+        assert c.recv(1) == b"y"
+        c.send(b"z")
+    with watchdog.cut_after(0.01, object(), "reader check"):  # a driver with no known socket
+        time.sleep(0.02)

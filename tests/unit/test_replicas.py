@@ -9,8 +9,10 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from fault_tolerant_pool import NoReaderAvailable, ReplicaRouter
-from fault_tolerant_pool.replicas import _Reader
+from fault_tolerant_pool import FaultTolerantQueuePool, NoReaderAvailable, ReplicaRouter
+from fault_tolerant_pool.caller_deadline import policy_for
+from fault_tolerant_pool.policy import RetryPolicy
+from fault_tolerant_pool.replicas import _check_engine, _Reader
 
 from .fakes import Clock
 
@@ -160,6 +162,41 @@ def test_no_reader_at_all_sends_reads_to_the_writer() -> None:
     clock = Clock()
     chosen = router(clock, readers=0)
     assert chosen.choose(read_only=True) is chosen.writer
+
+
+def test_a_sync_checkout_on_a_reader_gives_up_its_connects_after_the_check_timeout() -> None:
+    # a reader that stopped a moment ago must not hold a read for its pool's retry_deadline:
+    # the connects made for a reader's checkout get check_timeout, the writer's their own
+    tried: list[tuple[str, float]] = []
+
+    def refusing(name: str) -> Any:
+        def creator() -> Any:
+            tried.append((name, policy_for(RetryPolicy(deadline=10.0)).deadline))
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        return creator
+
+    def made(name: str) -> Any:
+        return create_engine("postgresql+psycopg://", creator=refusing(name))
+
+    clock = Clock()
+    chosen = ReplicaRouter(made("writer"), [made("s1"), made("s2")], clock=clock, check_timeout=0.7)
+    chosen._started = True
+    for reader in chosen._readers:
+        checked(reader, clock)
+    with pytest.raises(ConnectionRefusedError):
+        chosen.connect(read_only=True)  # each reader in turn, then the writer
+    assert tried == [("s1", 0.7), ("s2", 0.7), ("writer", 10.0)]
+    stats = chosen.stats()
+    assert stats.fallbacks == 1 and not any(r.in_rotation for r in stats.readers)
+
+
+def test_the_checkers_own_engine_leaves_the_readers_gauges_on_the_readers_pool() -> None:
+    reader = create_engine("postgresql+psycopg://app@db/app", poolclass=FaultTolerantQueuePool)
+    chosen = ReplicaRouter(engine(1), [reader])
+    check = _check_engine(chosen._readers[0])
+    assert check.pool is not reader.pool
+    assert reader.pool._telemetry.pool() is reader.pool  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
