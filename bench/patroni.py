@@ -15,6 +15,7 @@ first write on the new leader, and the lag between them (the pool's share of the
     .venv/bin/python bench/patroni.py                       # everything (about 6 minutes)
     .venv/bin/python bench/patroni.py --faults switchover --routes haproxy --repeat 3
     .venv/bin/python bench/patroni.py --png docs/patroni.png --json /tmp/patroni.json
+    .venv/bin/python bench/patroni.py --from-json /tmp/patroni.json --png docs/patroni.png
     .venv/bin/python bench/patroni.py --faults crash,fence,partition   # the ttl-long outages
 """
 
@@ -121,7 +122,11 @@ def report(rows: list[dict[str, Any]]) -> None:
 
 def chart(rows: list[dict[str, Any]], path: str) -> None:
     """Writes per 100 ms through a switchover via HAProxy, stock above, this pool below."""
-    import matplotlib
+    try:
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        print(f"matplotlib is not installed: no chart ({path}); pip install -e '.[bench]'")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,7 +144,8 @@ def chart(rows: list[dict[str, Any]], path: str) -> None:
     for axis, setup in zip(axes, wanted, strict=True):
         row = next(r for r in picks if r["setup"] == setup)
         timeline = row["timeline"]
-        for name, counts in sorted(timeline["series"].items()):
+        for name, by_bucket in sorted(timeline["series"].items()):
+            counts = {int(x): n for x, n in by_bucket.items()}  # str keys when read from JSON
             xs = sorted(counts)
             axis.bar(
                 [timeline["start"] + x * timeline["bucket"] for x in xs],
@@ -170,8 +176,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--png", help="write the switchover timeline chart here")
     parser.add_argument("--json", help="write every run's figures here")
+    parser.add_argument("--from-json", help="no run: report (and chart) a run written by --json")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+        report(rows)
+        if args.png:
+            chart(rows, args.png)
+        return
     rows = asyncio.run(run_all(args))
     report(rows)
     if args.json:

@@ -105,6 +105,41 @@ def settlement(status: str | None, same_instance: bool) -> Settlement:
     return SETTLEMENTS.get((status, same_instance), "unknown")
 
 
+def note(connection: Connection) -> CommitNote:
+    """Ask, inside the connection's transaction, what :data:`NOTE_SQL` says: on the DBAPI cursor
+    (SQLAlchemy's statement machinery and events cost more than the round trip itself; the note
+    is the runner's, not the application's). A failure there (the connection lost) is asked
+    again through SQLAlchemy, which raises it as the ``DBAPIError`` the runner's rules expect."""
+    try:
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(NOTE_SQL)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    except Exception:
+        row = connection.exec_driver_sql(NOTE_SQL).one()
+    return CommitNote.from_row(row)
+
+
+async def note_async(connection: AsyncConnection) -> CommitNote:
+    """:func:`note` for asyncio: on the driver's own connection (asyncpg, psycopg), else
+    through SQLAlchemy."""
+    driver = connection.dialect.driver
+    try:
+        raw = await connection.get_raw_connection()
+        native: Any = raw.driver_connection
+        if driver == "asyncpg":
+            row: Any = tuple(await native.fetchrow(NOTE_SQL))
+        elif driver == "psycopg":
+            row = await (await native.execute(NOTE_SQL)).fetchone()
+        else:
+            row = (await connection.exec_driver_sql(NOTE_SQL)).one()
+    except Exception:
+        row = (await connection.exec_driver_sql(NOTE_SQL)).one()
+    return CommitNote.from_row(row)
+
+
 def wants_note(connection: Connection | AsyncConnection) -> bool:
     """Whether the connection's server can settle a cut COMMIT (PostgreSQL 13 or later)."""
     dialect = connection.dialect

@@ -48,8 +48,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ._asyncio_ext import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from .classify import Classifier, _chain, classify, innermost_class, sqlstate_of
-from .commit_outcome import NOTE_SQL as _NOTE_SQL
-from .commit_outcome import CommitNote, Settlement, settle, settle_async, wants_note
+from .commit_outcome import (
+    CommitNote,
+    Settlement,
+    note,
+    note_async,
+    settle,
+    settle_async,
+    wants_note,
+)
 from .errors import ConnectRetriesExhausted, one_line, redact
 from .policy import Backoff, RetryPolicy, _attempts, _delays, _number
 from .replicas import NoReaderAvailable, Route
@@ -222,8 +229,8 @@ class _Run:
         self.result: Any = None
         self.settled: Settlement | None = None
 
-    def noted(self, row: Any, engine: Any) -> None:
-        self.note = CommitNote.from_row(row)
+    def noted(self, note: CommitNote, engine: Any) -> None:
+        self.note = note
         self.engine = engine
 
     @property
@@ -474,7 +481,7 @@ def _sync_attempt(bind: Any, fn: Callable[[Any], _T], notes: bool) -> Callable[[
                 transaction = connection.begin()
                 result = run.result = fn(connection)
                 if notes and not run.read_only and wants_note(connection):
-                    run.noted(connection.exec_driver_sql(_NOTE_SQL).one(), connection.engine)
+                    run.noted(note(connection), connection.engine)
                 run.phase = "commit"
                 transaction.commit()
             return result
@@ -492,7 +499,7 @@ def _sync_attempt(bind: Any, fn: Callable[[Any], _T], notes: bool) -> Callable[[
                 result = run.result = fn(session)
                 session.flush()  # the last INSERTs and UPDATEs, before COMMIT is sent
                 if notes and not run.read_only and wants_note(connection):
-                    run.noted(connection.exec_driver_sql(_NOTE_SQL).one(), connection.engine)
+                    run.noted(note(connection), connection.engine)
                 run.phase = "commit"
                 session.commit()
             return result
@@ -517,8 +524,7 @@ def _async_attempt(
                 transaction = await connection.begin()
                 result = run.result = await fn(connection)
                 if notes and not run.read_only and wants_note(connection):
-                    row = (await connection.exec_driver_sql(_NOTE_SQL)).one()
-                    run.noted(row, connection.engine)
+                    run.noted(await note_async(connection), connection.engine)
                 run.phase = "commit"
                 await transaction.commit()
             return result
@@ -536,8 +542,7 @@ def _async_attempt(
                 result = run.result = await fn(session)
                 await session.flush()
                 if notes and not run.read_only and wants_note(connection):
-                    row = (await connection.exec_driver_sql(_NOTE_SQL)).one()
-                    run.noted(row, connection.engine)
+                    run.noted(await note_async(connection), connection.engine)
                 run.phase = "commit"
                 await session.commit()
             return result

@@ -637,6 +637,31 @@ async def test_commit_cut_in_flight_is_resolved_by_asking_the_server(
 
 @live
 @flavours
+async def test_a_connection_lost_while_noting_the_id_runs_the_unit_again(
+    proxy: FaultProxy, side: Side, flavour: str
+) -> None:
+    """The connection dies as the runner asks for the transaction's id (before COMMIT): nothing
+    was committed, so the unit runs again, like any failure before COMMIT."""
+    target = side.target(flavour, port=proxy.port)
+    await target.warm_up()
+
+    def body(run: int) -> Generator[Step, Any, int]:
+        yield add_entry(False, 6, run)
+        return run
+
+    unit = Unit(body)
+    proxy.cut_on(b"pg_current_xact_id_if_assigned", forward=False)
+    assert await target.run(unit) == 2
+    assert proxy.connections_cut == 1
+    assert side.runs_of(6) == [2]
+    stats = target.stats()
+    assert (stats.transaction_retries, stats.outcomes_unknown, stats.outcomes_resolved) == (1, 0, 0)
+    assert checked_out(target) == 0
+    await target.dispose()
+
+
+@live
+@flavours
 async def test_a_unit_that_wrote_nothing_runs_again_after_commit_cut(
     proxy: FaultProxy, side: Side, flavour: str
 ) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, Operationa
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from fault_tolerant_pool import TransactionOutcomeUnknown, TransactionRunner
+from fault_tolerant_pool.commit_outcome import CommitNote
 from fault_tolerant_pool.errors import exhausted_error
 from fault_tolerant_pool.stats import ConnectCounters
 from fault_tolerant_pool.transaction import (
@@ -279,14 +280,14 @@ def test_a_commit_cut_is_settled_first_when_the_id_was_noted() -> None:
     cut = wrapped("08006", invalidated=True)
     run = failing_run("commit")
     assert not run.settle_first(chosen._decide(cut, run))  # nothing noted: nothing to ask
-    run.noted(NOTE_ROW, engine=None)
+    run.noted(CommitNote.from_row(NOTE_ROW), engine=None)
     assert run.note is not None and run.note.xid == "731" and run.note.pid == 4242
     assert run.settle_first(chosen._decide(cut, run))
     run.settled = "unknown"
     assert not run.settle_first(chosen._decide(cut, run))  # asked once
     # Failures that are not a cut COMMIT are decided as before, without asking.
     work = failing_run("work")
-    work.noted(NOTE_ROW, engine=None)
+    work.noted(CommitNote.from_row(NOTE_ROW), engine=None)
     assert not work.settle_first(chosen._decide(cut, work))
 
 
@@ -305,7 +306,7 @@ def test_a_settled_commit_cut_runs_again_or_stays_unknown(
     clock = Clock()
     chosen = runner(clock)
     run = counted_run("commit", counters)
-    run.noted((xid, 4242, "i"), engine=None)
+    run.noted(CommitNote(xid, 4242, "i"), engine=None)
     run.settled = settled
     cut = wrapped("08006", invalidated=True)
     if action == "retry":
