@@ -10,12 +10,14 @@ A primary and two hot standbys (``pg_basebackup``), all on this machine; every e
 - ``lag``: the same load with ``max_replica_lag=1``; standby 2's replay delayed 5 s
   (``recovery_min_apply_delay``) 3 s in: the last read it took after the delay began (bar: none
   after 2 s), and how soon after the delay is lifted it takes reads again;
-- ``cost``: 20 tasks looping a one-row read for ``--cost-seconds``, through
-  ``router.connect(read_only=True)`` with the standby as its only reader, and straight through
-  that standby's engine, in alternating rounds (bar: routing costs at most 3 % of throughput).
+- ``cost``: 20 tasks looping a one-row read, through ``router.connect(read_only=True)`` with the
+  standby as its only reader, and straight through that standby's engine, in alternating
+  batches of about ``--cost-seconds`` each; the event loop is saturated, so throughput follows
+  the process's CPU time per read: the figure is the direct CPU time per read over the routed
+  one, the median over the rounds (bar: routing costs at most 3 % of throughput).
 
     .venv/bin/python bench/replicas.py                      # everything, about 3 minutes
-    .venv/bin/python bench/replicas.py --scenarios cost --rounds 8
+    .venv/bin/python bench/replicas.py --scenarios cost --rounds 30 --cost-seconds 0.5
     .venv/bin/python bench/replicas.py --json replicas.json
 """
 
@@ -190,32 +192,32 @@ async def cost(driver: str, servers: list[PostgresServer], args: Any) -> dict[st
     await router.wait_ready(5.0)
     select = sa.text("SELECT 1")
 
-    async def through(connect: Any, seconds: float) -> float:
-        stop = time.perf_counter() + seconds
-        done = 0
+    share = 100  # reads per task in a batch; set from the first batch to last --cost-seconds
+
+    async def through(connect: Any) -> float:
+        """Reads per CPU second of this process: a batch of ``share`` reads by each task."""
 
         async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
+            for _ in range(share):
                 async with connect() as conn:
                     await conn.execute(select)
-                done += 1
 
-        started = time.perf_counter()
+        started = time.process_time()
         await asyncio.gather(*(worker() for _ in range(READERS)))
-        return done / (time.perf_counter() - started)
+        return share * READERS / (time.process_time() - started)
 
     direct: list[float] = []
     routed: list[float] = []
     try:
-        await through(reader.connect, 0.5)  # warm both
-        await through(lambda: router.connect(read_only=True), 0.5)
+        rate = await through(reader.connect)  # warm both
+        await through(lambda: router.connect(read_only=True))
+        share = max(10, int(rate * args.cost_seconds / READERS))
         for i in range(args.rounds):
             pair = [("direct", reader.connect), ("routed", lambda: router.connect(read_only=True))]
             if i % 2:
                 pair.reverse()
             for label, connect in pair:
-                figure = await through(connect, args.cost_seconds)
+                figure = await through(connect)
                 (direct if label == "direct" else routed).append(figure)
         stats = router.stats()
     finally:
@@ -365,7 +367,7 @@ async def main_async(args: argparse.Namespace) -> None:
         if row["scenario"] in ("stop", "lag") and args.timeline:
             print_timeline(row)
     if costs:
-        print(f"\n{'driver':<8} {'direct ops/s':>13} {'routed ops/s':>13} {'ratio':>6}  rounds")
+        print(f"\n{'driver':<8} {'direct/CPU s':>13} {'routed/CPU s':>13} {'ratio':>6}  rounds")
         for figure in costs:
             rounds = " ".join(f"{r:.3f}" for r in figure["ratios"])
             direct, routed = figure["direct_median"], figure["routed_median"]
