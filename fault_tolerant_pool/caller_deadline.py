@@ -14,24 +14,30 @@ loop reads once per physical connect, never per checkout; the pool's gate keeps 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 from .policy import RetryPolicy
 
 _seconds: ContextVar[float | None] = ContextVar("fault_tolerant_pool_caller_deadline", default=None)
 
 
-@contextlib.contextmanager
-def connects_within(seconds: float) -> Iterator[None]:
+class connects_within:  # a function in use: ``with connects_within(1.5):``
     """Within the block, each connect made for this thread or task gives up after ``seconds``
-    at most (or the pool's ``retry_deadline``, if that is shorter)."""
-    token = _seconds.set(seconds)
-    try:
-        yield
-    finally:
-        _seconds.reset(token)
+    at most (or the pool's ``retry_deadline``, if that is shorter). A class, not a generator:
+    the read router enters it on every reader checkout."""
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._token: Token[float | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _seconds.set(self._seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _seconds.reset(self._token)
 
 
 def policy_for(policy: RetryPolicy) -> RetryPolicy:
