@@ -1,4 +1,5 @@
-"""Failover tools: the base backup behind :meth:`PostgresServer.standby`, and multi-host URLs.
+"""Failover tools: multi-host URLs (and, from :mod:`.server`, the base backup behind
+:meth:`PostgresServer.standby`).
 
 A service under test reaches "whichever server is the writer" the way it would in production: a
 multi-host URL with ``target_session_attrs=read-write``, which both asyncpg and psycopg honour by
@@ -7,14 +8,11 @@ trying the hosts in turn and skipping those that are standbys or read-only.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from .server import RunAs, ServerError, ServerUnavailable
+from .server import base_backup
 
 if TYPE_CHECKING:
     from .server import PostgresServer
@@ -25,52 +23,6 @@ __all__ = ["base_backup", "multi_host_url"]
 TARGET_SESSION_ATTRS = frozenset(
     {"any", "primary", "standby", "prefer-standby", "read-write", "read-only"}
 )
-
-
-def base_backup(
-    primary: PostgresServer, datadir: Path, owner: RunAs, timeout: float = 120.0
-) -> None:
-    """``pg_basebackup -R -X stream`` of the running ``primary`` into ``datadir`` (as ``owner``).
-
-    ``-R`` writes ``standby.signal`` and a ``primary_conninfo`` (with the primary's address and
-    credentials) into the copy, so a server started on it is a hot standby streaming from the
-    primary. The checkpoint is a fast one: a spread checkpoint could take minutes.
-    """
-    executable = primary.bindir / "pg_basebackup"
-    if not os.access(executable, os.X_OK):
-        raise ServerUnavailable(
-            f"pg_basebackup not found in {primary.bindir} (Debian: apt-get install "
-            "postgresql-client); a standby needs it"
-        )
-    cmd = [
-        str(executable),
-        "--pgdata", str(datadir),
-        "--host", primary.host,
-        "--port", str(primary.port),
-        "--username", primary.user,
-        "--no-password",
-        "--write-recovery-conf",
-        "--wal-method", "stream",
-        "--checkpoint", "fast",
-        "--no-sync",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=primary.password, LC_ALL="C")
-    try:
-        result = subprocess.run(
-            cmd, cwd=datadir.parent, env=env, capture_output=True, text=True, timeout=timeout,
-            **owner.popen_kwargs(),  # type: ignore[call-overload]
-        )  # fmt: skip
-    except subprocess.TimeoutExpired as exc:
-        raise ServerError(
-            f"pg_basebackup of the server on port {primary.port} timed out after {timeout} s"
-        ) from exc
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr).strip()
-        raise ServerError(
-            f"pg_basebackup of the server on port {primary.port} failed "
-            f"(exit {result.returncode}):\n{output}"
-        )
 
 
 def multi_host_url(

@@ -631,8 +631,6 @@ class PostgresServer(ChildService):
             shutil.copytree(template, self.datadir, symlinks=True)
             self._owner.chown(self.datadir)
             return
-        from .failover import base_backup
-
         try:
             base_backup(base_backup_of, self.datadir, self._owner)
         except BaseException:
@@ -958,3 +956,49 @@ class PostgresServer(ChildService):
         if user is not None:
             where += f" AND usename = {sql_literal(user)}"
         return where
+
+
+def base_backup(
+    primary: PostgresServer, datadir: Path, owner: RunAs, timeout: float = 120.0
+) -> None:
+    """``pg_basebackup -R -X stream`` of the running ``primary`` into ``datadir`` (as ``owner``).
+
+    ``-R`` writes ``standby.signal`` and a ``primary_conninfo`` (with the primary's address and
+    credentials) into the copy, so a server started on it is a hot standby streaming from the
+    primary. The checkpoint is a fast one: a spread checkpoint could take minutes.
+    """
+    executable = primary.bindir / "pg_basebackup"
+    if not os.access(executable, os.X_OK):
+        raise ServerUnavailable(
+            f"pg_basebackup not found in {primary.bindir} (Debian: apt-get install "
+            "postgresql-client); a standby needs it"
+        )
+    cmd = [
+        str(executable),
+        "--pgdata", str(datadir),
+        "--host", primary.host,
+        "--port", str(primary.port),
+        "--username", primary.user,
+        "--no-password",
+        "--write-recovery-conf",
+        "--wal-method", "stream",
+        "--checkpoint", "fast",
+        "--no-sync",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=primary.password, LC_ALL="C")
+    try:
+        result = subprocess.run(
+            cmd, cwd=datadir.parent, env=env, capture_output=True, text=True, timeout=timeout,
+            **owner.popen_kwargs(),  # type: ignore[call-overload]
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise ServerError(
+            f"pg_basebackup of the server on port {primary.port} timed out after {timeout} s"
+        ) from exc
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()
+        raise ServerError(
+            f"pg_basebackup of the server on port {primary.port} failed "
+            f"(exit {result.returncode}):\n{output}"
+        )
