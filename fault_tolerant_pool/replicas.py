@@ -21,10 +21,12 @@ go to the writer (``fallback_to_writer``) or raise :class:`NoReaderAvailable`.
 
 A checkout that fails on the chosen reader (its pool gave up) is tried on the next reader, then
 on the writer, before the connection is handed out; a checkout on a reader gives up after
-``check_timeout``, not its pool's ``retry_deadline`` (an async one is cancelled, a sync one's
-connects take it as their deadline: :mod:`.caller_deadline`). Statements in flight on a reader
-that goes away fail as on any engine: hand the read to the transaction runner
-(``run_transaction_async(router.reads, fn)``) and it runs again on another server.
+``check_timeout``, not its pool's ``retry_deadline`` (its connects take it as their deadline,
+in a thread or a task: :mod:`.caller_deadline`). A read-only session's transaction
+gets its connection from that same checkout, when it begins (:class:`RoutingSession`).
+Statements in flight on a reader that goes away fail as on any engine: hand the read to the
+transaction runner (``run_transaction_async(router.reads, fn)``) and it runs again on another
+server.
 
 Read-your-writes: after a transaction on the writer commits, reads in the same context (the
 same asyncio task, or thread: a request) stay on the writer for ``read_your_writes`` seconds.
@@ -48,9 +50,9 @@ from opentelemetry import metrics
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm import sessionmaker as _sessionmaker
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from . import watchdog
 from ._asyncio_ext import AsyncConnection, AsyncEngine, AsyncSession
@@ -393,12 +395,48 @@ class ReplicaRouter:
                 connection.execution_options(**_READ_ONLY)
             return connection
 
+    async def _connect_async(self, read_only: bool) -> AsyncConnection:
+        """The async checkout of :meth:`connect`, with the same fallback as the sync one. If it
+        is cancelled, what it had checked out goes back before the cancellation goes on."""
+        engine = self.choose(read_only)
+        tried: tuple[_Reader, ...] = ()
+        while True:
+            assert isinstance(engine, AsyncEngine)
+            connection = engine.connect()
+            try:
+                if engine is self.writer:
+                    await connection.start()
+                else:
+                    # A reader that stopped a moment ago: its pool would retry the reconnect for
+                    # its whole retry_deadline; another server can serve this read now. Its
+                    # connects give up after check_timeout (a caller deadline: a timer around
+                    # every checkout, asyncio.wait_for, cost 5-7 % of a one-row read's CPU).
+                    with connects_within(self.check_timeout):
+                        await connection.start()
+                if read_only and engine is self.writer:
+                    await connection.execution_options(**_READ_ONLY)
+                return connection
+            except BaseException as error:
+                await _give_back(connection)
+                reader = self._reader_of(engine)
+                if reader is None or not isinstance(error, Exception):
+                    raise  # the writer's own failure, or a cancellation
+                engine, tried = self._after_failed_checkout(reader, tried)
+
+    def _checkout_for_session(self) -> Connection:
+        """A read-only ORM transaction's connection, checked out as :meth:`connect` does it. An
+        ``AsyncSession`` runs its sync session in a greenlet, which awaits the async checkout."""
+        if not self.asynchronous:
+            return self._connect_sync(True)
+        connection = await_only(self._connect_async(True)).sync_connection
+        assert connection is not None  # started
+        return connection
+
     def _checkout_sync(self, engine: Engine) -> Connection:
         if engine is self._sync_writer:
             return engine.connect()
         # A reader that stopped a moment ago: its pool would retry the reconnect for its whole
-        # retry_deadline; another server can serve this read now (the async checkout is
-        # cancelled after check_timeout, a thread's cannot be: its connects give up then).
+        # retry_deadline; another server can serve this read now: its connects give up then.
         with connects_within(self.check_timeout):
             return engine.connect()
 
@@ -423,7 +461,8 @@ class ReplicaRouter:
 
     def sessionmaker(self, *, read_only: bool = False, **kw: Any) -> _sessionmaker[Any]:
         """A ``sessionmaker`` whose sessions send every transaction to the writer, or (with
-        ``read_only``) each transaction to one reader chosen when it begins."""
+        ``read_only``) each transaction to one reader chosen when it begins, with the checkout,
+        time limit and fallback of ``connect(read_only=True)``."""
         if self.asynchronous:
             raise ArgumentError("an async router makes async_sessionmaker(), not sessionmaker()")
         return _sessionmaker(class_=RoutingSession, router=self, read_only=read_only, **kw)
@@ -643,6 +682,14 @@ def _check_sync(engine: Engine, timeout: float) -> Any:
             return connection.execute(LAG_SQL).one()
 
 
+async def _give_back(connection: AsyncConnection) -> None:
+    """Close ``connection`` if its checkout completed: a cancellation that lands after that
+    (in ``execution_options()``, or a time limit's) would leave it checked out. Shielded: a
+    second cancellation leaves the close running."""
+    if connection.sync_connection is not None:
+        await asyncio.shield(connection.close())
+
+
 def _suspect(reader: _Reader, clock: Callable[[], float]) -> Callable[[Any], None]:
     def handle_error(context: Any) -> None:
         if context.is_disconnect:
@@ -663,29 +710,8 @@ class _AsyncConnect:
         self._connection: AsyncConnection | None = None
 
     async def __aenter__(self) -> AsyncConnection:
-        router = self._router
-        engine = router.choose(self._read_only)
-        tried: tuple[_Reader, ...] = ()
-        while True:
-            assert isinstance(engine, AsyncEngine)
-            connection = engine.connect()
-            try:
-                if engine is router.writer:
-                    await connection.start()
-                else:
-                    # A reader that stopped a moment ago: its pool would retry the reconnect for
-                    # its whole retry_deadline; another server can serve this read now.
-                    await asyncio.wait_for(connection.start(), router.check_timeout)
-            except (Exception, asyncio.TimeoutError):
-                reader = router._reader_of(engine)
-                if reader is None:
-                    raise
-                engine, tried = router._after_failed_checkout(reader, tried)
-                continue
-            if self._read_only and engine is router.writer:
-                await connection.execution_options(**_READ_ONLY)
-            self._connection = connection
-            return connection
+        self._connection = await self._router._connect_async(self._read_only)
+        return self._connection
 
     async def __aexit__(self, *exc: object) -> None:
         connection = self._connection
@@ -713,7 +739,22 @@ class Route:
 
 class RoutingSession(Session):
     """A ``Session`` whose transactions go where its router says: all to the writer, or (a
-    read-only session) each to one reader chosen when the transaction begins."""
+    read-only session) each to one reader chosen when the transaction begins.
+
+    A read-only transaction's connection is checked out by the router, as
+    ``router.connect(read_only=True)`` is (a reader's checkout gives up after ``check_timeout``
+    and the next reader, then the writer, is tried), and :meth:`get_bind` hands SQLAlchemy that
+    ``Connection``, not yet in a transaction: the session begins, commits and rolls back a
+    transaction on it as on one it connected itself, whatever its ``join_transaction_mode``.
+    A session closes only the connections it made, so this one goes back to its pool when the
+    transaction ends (``after_transaction_end``).
+
+    SQLAlchemy asks for the bind of a statement before it begins the transaction the statement
+    needs (autobegin), and asks the same question when the bind is only looked at
+    (``str(query)``, ``session.get_bind()``). So that a look checks nothing out, a statement
+    outside a transaction begins one first (``do_orm_execute``, :meth:`connection`), and
+    :meth:`get_bind` outside a transaction only names an engine.
+    """
 
     def __init__(
         self, *args: Any, router: ReplicaRouter, read_only: bool = False, **kw: Any
@@ -721,29 +762,74 @@ class RoutingSession(Session):
         super().__init__(*args, **kw)
         self.router = router
         self.read_only = read_only
-        self._route: tuple[Any, Engine] | None = None
+        # The transaction and what its statements run on (an Engine for the writer, the
+        # Connection of a read-only transaction). A transaction of None: chosen before the
+        # session began one, for the next to take (``after_transaction_create``).
+        self._route: tuple[SessionTransaction | None, Engine | Connection] | None = None
+        self._connecting = False
+        self._last_engine: Engine = router._sync_writer
 
     def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
         transaction = self.get_transaction()
         route = self._route
-        if route is not None:
-            if route[0] is transaction and transaction is not None:
-                return route[1]
-            if route[0] is None and transaction is not None:
-                # SQLAlchemy asks for the bind of a transaction's first statement before it
-                # begins the transaction: that choice is this transaction's.
-                self._route = (transaction, route[1])
-                return route[1]
-        chosen = self.router.choose(self.read_only)
-        engine = chosen.sync_engine if isinstance(chosen, AsyncEngine) else chosen
-        self._route = (transaction, engine)
-        return engine
+        if route is not None and route[0] is transaction:
+            return route[1]
+        router = self.router
+        bind: Engine | Connection
+        if not self.read_only:
+            chosen = router.choose(False)
+            bind = chosen.sync_engine if isinstance(chosen, AsyncEngine) else chosen
+        elif transaction is None and not self._connecting:
+            # Only looked at: no statement runs outside a transaction. The engine of the last
+            # transaction (a pool to count a failed run on), else the writer's.
+            return self._last_engine
+        else:
+            self._end_route(route[0] if route is not None else None)  # never expected
+            bind = router._checkout_for_session()
+        self._route = (transaction, bind)
+        return bind
+
+    def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
+        """``Session.connection()``: outside a transaction, it begins one (autobegin) on the
+        connection checked out for it."""
+        self._connecting = True
+        try:
+            return super().connection(bind_arguments, execution_options)
+        finally:
+            self._connecting = False
+            self._end_route(None)  # checked out, but no transaction took it (autobegin off)
+
+    def _end_route(self, transaction: SessionTransaction | None) -> None:
+        """Forget the route of ``transaction`` (None: one chosen outside a transaction), and
+        give its connection back."""
+        route = self._route
+        if route is None or route[0] is not transaction:
+            return
+        self._route = None
+        bind = route[1]
+        if isinstance(bind, Connection):
+            self._last_engine = bind.engine
+            bind.close()
 
 
-@event.listens_for(RoutingSession, "after_begin")
-def _mark_read_only(session: RoutingSession, transaction: Any, connection: Connection) -> None:
-    if session.read_only:
-        connection.execution_options(**_READ_ONLY)
+@event.listens_for(RoutingSession, "do_orm_execute")
+def _begin_before_statement(state: Any) -> None:
+    session = state.session
+    if session.read_only and session.get_transaction() is None:
+        session.connection()  # its transaction begins, on a reader's connection (or the writer's)
+
+
+@event.listens_for(RoutingSession, "after_transaction_create")
+def _transaction_created(session: RoutingSession, transaction: SessionTransaction) -> None:
+    route = session._route
+    if transaction.parent is None and route is not None and route[0] is None:
+        session._route = (transaction, route[1])
+
+
+@event.listens_for(RoutingSession, "after_transaction_end")
+def _transaction_ended(session: RoutingSession, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session._end_route(transaction)
 
 
 class _RouterMetrics:

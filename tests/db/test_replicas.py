@@ -730,7 +730,227 @@ async def test_reads_after_a_write_stay_on_the_writer_in_that_task_only(
         assert stats.read_your_writes == stats.writer_reads and stats.fallbacks == 0
 
 
-# -- 4. failover ---------------------------------------------------------------------------------
+# -- 4. read-only sessions -----------------------------------------------------------------------
+
+
+def lent(router: ReplicaRouter) -> list[int]:
+    """Connections checked out of the writer's pool and of each reader's."""
+    pools = [router._sync_writer.pool, *(reader.sync_engine.pool for reader in router._readers)]
+    return [pool.checkedout() for pool in pools]
+
+
+async def session_read(readonly: Any) -> tuple[int, bool, float]:
+    """Two statements in one read-only session's transaction: one server, one backend."""
+    async with readonly() as session:
+        first = tuple((await session.execute(WHERE_EXACTLY)).one())
+        landed = time.monotonic()
+        assert tuple((await session.execute(WHERE_EXACTLY)).one()) == first
+    return first[0], first[1], landed
+
+
+def session_read_sync(readonly: Any) -> tuple[int, bool, float]:
+    with readonly() as session:
+        first = tuple(session.execute(WHERE_EXACTLY).one())
+        landed = time.monotonic()
+        assert tuple(session.execute(WHERE_EXACTLY).one()) == first
+    return first[0], first[1], landed
+
+
+@async_flavours
+async def test_read_only_sessions_ride_out_standbys_that_just_stopped(
+    pg_replicas: Replicas, flavour: str
+) -> None:
+    """A read-only session whose transaction is routed to a standby that has just stopped (its
+    checker has not found out yet, its pool's connections are dead) takes the next standby,
+    then the writer, within ``check_timeout``: never its pool's ``retry_deadline`` (10 s), and
+    no read fails. No read is in flight at a stop: a statement in flight fails on any engine
+    (the transaction runner is for those).
+
+    The checks are 30 s apart (the first round excepted), so that no check finds a stopped
+    standby before the sessions do: every session routed to it must move on by itself."""
+    primary, s1, s2 = pg_replicas
+    make_items(primary, [s1, s2])  # both stream and have replayed: in rotation at once
+    async with routed(flavour, primary, [s1, s2], pg_replicas, check_interval=30.0) as router:
+        await ready(router)
+        readonly = router.async_sessionmaker(read_only=True)
+        load = Load()
+
+        async def read() -> None:
+            started = time.monotonic()
+            try:
+                port, standby, landed = await session_read(readonly)
+            except Exception as error:
+                load.failures.append((started, error))
+            else:
+                load.reads.append(Read(started, landed, time.monotonic(), port, standby))
+
+        async def reads_for(seconds: float) -> None:
+            async def worker() -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await read()
+                    await asyncio.sleep(0.01)
+
+            await asyncio.gather(*(worker() for _ in range(4)))
+
+        # Each standby's pool holds connections, for the stop to kill.
+        await asyncio.gather(*(read() for _ in range(8)))
+        assert load.ports() == {s1.port, s2.port} and load.failures == []
+
+        phases = []
+        for stopping, index in ((s1, 0), (s2, 1)):
+            before = status(router, index).reads
+            await asyncio.to_thread(stopping.stop)
+            stopped = time.monotonic()
+            assert status(router, index).in_rotation  # nothing has found out yet
+            await reads_for(2.0)
+            phases.append((stopped, status(router, index).reads - before))
+        stats = router.stats()
+
+    assert load.failures == [], load.failures[:3]
+    names = {primary.port: "primary", s1.port: "s1", s2.port: "s2"}
+    (first_stop, to_s1), (second_stop, to_s2) = phases
+    for stopped, to_stopped in phases:
+        after = load.since(stopped)
+        slowest = max(r.took for r in after)
+        print(f"{flavour}: {to_stopped} sessions routed to the stopped standby; "
+              f"{len(after)} reads, slowest {slowest:.2f}s")  # fmt: skip
+        slow = [(round(r.started - stopped, 2), round(r.took, 2), names[r.port])
+                for r in after if r.took >= 2.5]  # fmt: skip
+        # check_timeout (1.5 s) and slack: a session routed to the stopped standby waits for it
+        # no longer than that, then lands on the next server
+        assert slow == [], f"(started after the stop, took, landed on) of {len(slow)}: {slow}"
+    assert load.ports(after=first_stop, before=second_stop) == {s2.port}
+    assert load.ports(after=second_stop) == {primary.port}
+    assert all(not r.standby for r in load.since(second_stop))
+    # Sessions were routed to each standby after it stopped (4 began at once, round robin
+    # over the standbys in rotation), and moved on; after s2 to the writer, s1 being out.
+    assert to_s1 >= 1 and to_s2 >= 1
+    assert stats.fallbacks == stats.writer_reads > 0
+
+
+def test_sync_read_only_sessions_ride_out_a_standby_that_just_stopped(
+    pg_replicas: Replicas,
+) -> None:
+    """:func:`test_read_only_sessions_ride_out_standbys_that_just_stopped` for a sync router
+    (psycopg), from 4 threads: a reader's checkout gives up its connects after
+    ``check_timeout`` (:mod:`fault_tolerant_pool.caller_deadline`)."""
+    primary, s1, s2 = pg_replicas
+    make_items(primary, [s1, s2])
+    load = Load()
+    lock = threading.Lock()
+    with routed_sync(primary, [s1, s2], check_interval=30.0) as router:
+        readonly = router.sessionmaker(read_only=True)
+
+        def read() -> None:
+            started = time.monotonic()
+            try:
+                port, standby, landed = session_read_sync(readonly)
+            except Exception as error:
+                with lock:
+                    load.failures.append((started, error))
+            else:
+                with lock:
+                    load.reads.append(Read(started, landed, time.monotonic(), port, standby))
+
+        def worker(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                read()
+                time.sleep(0.01)
+
+        read()  # starts the checkers and waits for their first round
+        wait_until_sync(
+            lambda: all(r.in_rotation for r in router.stats().readers), 3.0, "both in rotation"
+        )
+        with ThreadPoolExecutor(max_workers=4) as threads:
+            list(threads.map(lambda _: read(), range(8)))
+            assert load.ports() >= {s1.port, s2.port} and load.failures == []
+            before = router.stats()
+            s1.stop()
+            stopped = time.monotonic()
+            assert status(router, 0).in_rotation  # nothing has found out yet
+            list(threads.map(worker, [2.0] * 4))
+        stats = router.stats()
+        to_s1 = stats.readers[0].reads - before.readers[0].reads
+        left = lent(router)
+    assert load.failures == [], load.failures[:3]
+    after = load.since(stopped)
+    slowest = max(r.took for r in after)
+    print(f"sync: {to_s1} sessions routed to the stopped standby; {len(after)} reads, "
+          f"slowest {slowest:.2f}s")  # fmt: skip
+    assert slowest < 2.5  # check_timeout (1.5 s) and slack; retry_deadline is 10 s
+    assert load.ports(after=stopped) == {s2.port}
+    assert to_s1 >= 1
+    assert stats.fallbacks == before.fallbacks and stats.writer_reads == before.writer_reads
+    assert left == [0, 0, 0], f"connections never returned: {left}"
+
+
+@async_flavours
+async def test_a_read_only_session_gives_back_every_connection_it_checks_out(
+    running_replicas: Replicas, flavour: str
+) -> None:
+    """Each transaction's connection is back in its pool when the transaction ends (commit,
+    rollback, an error, the session closed in the middle, a savepoint), not when the session
+    does; and when the task is cancelled in the middle of a statement, or of the checkout."""
+    primary, s1, s2 = running_replicas
+    with FaultProxy(s1.host, s1.port) as proxy:
+        proxied = s1.url(flavour, port=proxy.port)
+        async with routed(flavour, primary, [proxied, s2], running_replicas) as router:
+            await ready(router)
+            readonly = router.async_sessionmaker(read_only=True)
+
+            # Cancelled in its checkout: s1 (round robin starts there; its pool, not the
+            # checker's, is still empty) is black-holed, so the connect hangs.
+            proxy.blackhole()
+            reading = asyncio.create_task(session_read(readonly))
+            await asyncio.sleep(0.3)
+            assert not reading.done()
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            assert lent(router) == [0, 0, 0]
+            assert status(router, 0).reads == 1
+            proxy.healthy()
+            await wait_until(lambda: status(router, 0).in_rotation, 5.0, "s1 back in rotation")
+
+            async with readonly() as session:
+                await session.execute(WHERE)
+                assert sum(lent(router)) == 1
+                await session.commit()
+                assert lent(router) == [0, 0, 0]
+                await session.execute(WHERE)
+                await session.rollback()
+                assert lent(router) == [0, 0, 0]
+                with pytest.raises(sa.exc.DBAPIError):
+                    await session.execute(sa.text("SELECT 1 / 0"))
+                await session.rollback()
+                assert lent(router) == [0, 0, 0]
+                async with session.begin():
+                    first = tuple((await session.execute(WHERE_EXACTLY)).one())
+                    async with session.begin_nested():
+                        assert tuple((await session.execute(WHERE_EXACTLY)).one()) == first
+                    assert sum(lent(router)) == 1
+                assert lent(router) == [0, 0, 0]
+                await session.execute(WHERE)
+            assert lent(router) == [0, 0, 0]  # closed in the middle of a transaction
+
+            # Cancelled in the middle of a statement: SQLAlchemy closes the session shielded.
+            async def sleeper() -> None:
+                async with readonly() as session:
+                    await session.execute(sa.text("SELECT pg_sleep(2)"))
+
+            sleeping = asyncio.create_task(sleeper())
+            await asyncio.sleep(0.3)
+            assert sum(lent(router)) == 1
+            sleeping.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sleeping
+            assert lent(router) == [0, 0, 0]
+            assert router.stats().fallbacks == 0
+
+
+# -- 5. failover ---------------------------------------------------------------------------------
 
 
 async def test_a_promoted_standby_leaves_the_rotation_and_the_primary_takes_no_reads(
@@ -764,7 +984,7 @@ async def test_a_promoted_standby_leaves_the_rotation_and_the_primary_takes_no_r
         assert stats.fallbacks == 0
 
 
-# -- 5. a sync router ----------------------------------------------------------------------------
+# -- 6. a sync router ----------------------------------------------------------------------------
 
 
 def test_a_sync_router_routes_rides_out_a_stopped_standby_and_close_ends_its_threads(

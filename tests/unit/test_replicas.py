@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import create_engine
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import QueuePool
 
 from fault_tolerant_pool import FaultTolerantQueuePool, NoReaderAvailable, ReplicaRouter
 from fault_tolerant_pool.caller_deadline import policy_for
@@ -164,10 +168,9 @@ def test_no_reader_at_all_sends_reads_to_the_writer() -> None:
     assert chosen.choose(read_only=True) is chosen.writer
 
 
-def test_a_sync_checkout_on_a_reader_gives_up_its_connects_after_the_check_timeout() -> None:
-    # a reader that stopped a moment ago must not hold a read for its pool's retry_deadline:
-    # the connects made for a reader's checkout get check_timeout, the writer's their own
-    tried: list[tuple[str, float]] = []
+def refusing_router(tried: list[tuple[str, float]], **kw: Any) -> ReplicaRouter:
+    """A router whose every server refuses; ``tried`` gets (server, the deadline its connect
+    was given) for each connect."""
 
     def refusing(name: str) -> Any:
         def creator() -> Any:
@@ -180,15 +183,113 @@ def test_a_sync_checkout_on_a_reader_gives_up_its_connects_after_the_check_timeo
         return create_engine("postgresql+psycopg://", creator=refusing(name))
 
     clock = Clock()
-    chosen = ReplicaRouter(made("writer"), [made("s1"), made("s2")], clock=clock, check_timeout=0.7)
+    chosen = ReplicaRouter(
+        made("writer"), [made("s1"), made("s2")], clock=clock, check_timeout=0.7, **kw
+    )
     chosen._started = True
     for reader in chosen._readers:
         checked(reader, clock)
+    return chosen
+
+
+def test_a_sync_checkout_on_a_reader_gives_up_its_connects_after_the_check_timeout() -> None:
+    # a reader that stopped a moment ago must not hold a read for its pool's retry_deadline:
+    # the connects made for a reader's checkout get check_timeout, the writer's their own
+    tried: list[tuple[str, float]] = []
+    chosen = refusing_router(tried)
     with pytest.raises(ConnectionRefusedError):
         chosen.connect(read_only=True)  # each reader in turn, then the writer
     assert tried == [("s1", 0.7), ("s2", 0.7), ("writer", 10.0)]
     stats = chosen.stats()
     assert stats.fallbacks == 1 and not any(r.in_rotation for r in stats.readers)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_read_only_sessions_transaction_falls_back_as_a_connect_does(explicit: bool) -> None:
+    # the same servers in the same order with the same deadlines, when the transaction begins
+    # (its first statement, or begin())
+    tried: list[tuple[str, float]] = []
+    chosen = refusing_router(tried)
+    with (
+        chosen.sessionmaker(read_only=True)() as session,
+        pytest.raises(ConnectionRefusedError),
+        session.begin() if explicit else contextlib.nullcontext(),
+    ):
+        session.execute(sa.text("SELECT 1"))
+    assert tried == [("s1", 0.7), ("s2", 0.7), ("writer", 10.0)]
+    assert chosen.stats().fallbacks == 1
+
+    tried.clear()
+    chosen = refusing_router(tried, fallback_to_writer=False)
+    with chosen.sessionmaker(read_only=True)() as session, pytest.raises(NoReaderAvailable):
+        session.scalar(sa.text("SELECT 1"))
+    assert tried == [("s1", 0.7), ("s2", 0.7)]
+
+
+def test_a_read_only_sessions_connection_goes_back_when_its_transaction_ends(
+    tmp_path: Path,
+) -> None:
+    # SQLite files stand in for the servers: what is checked, is when each pool lends and gets
+    # back a connection (against PostgreSQL: tests/db/test_replicas.py)
+    engines = [
+        create_engine(f"sqlite:///{tmp_path / name}.db", poolclass=QueuePool)
+        for name in ("writer", "r1", "r2")
+    ]
+    clock = Clock()
+    chosen = ReplicaRouter(engines[0], engines[1:], clock=clock)
+    chosen._started = True
+    for reader in chosen._readers:
+        checked(reader, clock)
+    readonly = chosen.sessionmaker(read_only=True)
+    one = sa.text("SELECT 1")
+
+    def lent() -> list[int]:
+        return [engine.pool.checkedout() for engine in engines]
+
+    with readonly() as session:
+        session.execute(one)
+        first = session.connection()
+        assert lent() == [0, 1, 0]
+        session.execute(one)
+        assert session.connection() is first and lent() == [0, 1, 0]
+        session.commit()  # back at the end of the transaction, not of the session
+        assert lent() == [0, 0, 0]
+        session.execute(one)
+        assert lent() == [0, 0, 1]  # the next transaction, the next reader
+        session.rollback()
+        assert lent() == [0, 0, 0]
+        with session.begin():
+            session.execute(one)
+            assert lent() == [0, 1, 0]
+        assert lent() == [0, 0, 0]
+        with pytest.raises(OperationalError):
+            session.execute(sa.text("SELECT * FROM nowhere"))
+        session.rollback()
+        assert lent() == [0, 0, 0]
+        # Only looked at outside a transaction: nothing checked out, no reader chosen; the
+        # engine of the last transaction (r2's), else the writer's.
+        assert session.get_bind() is engines[2] and lent() == [0, 0, 0]
+        assert readonly().get_bind() is engines[0]
+        with session.begin():
+            session.execute(one)
+            assert lent() == [0, 1, 0] and session.get_bind() is session.connection()
+        assert lent() == [0, 0, 0]
+        # Session.connection() outside a transaction begins one, on a checkout made for it.
+        connection = session.connection()
+        assert lent() == [0, 0, 1] and session.in_transaction()
+        assert session.execute(one).scalar() == 1 and session.connection() is connection
+        session.commit()
+        assert lent() == [0, 0, 0]
+        session.execute(one)
+    assert lent() == [0, 0, 0]  # closed in the middle of a transaction
+
+    with readonly(autobegin=False) as session:
+        with pytest.raises(InvalidRequestError, match="Autobegin"):
+            session.connection()
+        assert lent() == [0, 0, 0]
+    stats = chosen.stats()
+    assert [r.reads for r in stats.readers] == [4, 4]  # one choice per transaction
+    assert (stats.writer_reads, stats.writes) == (0, 0)
 
 
 def test_the_checkers_own_engine_leaves_the_readers_gauges_on_the_readers_pool() -> None:
