@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -395,9 +395,14 @@ class ReplicaRouter:
                 connection.execution_options(**_READ_ONLY)
             return connection
 
-    async def _connect_async(self, read_only: bool) -> AsyncConnection:
+    async def _connect_async(
+        self, read_only: bool, holder: _AsyncConnect | None = None
+    ) -> AsyncConnection:
         """The async checkout of :meth:`connect`, with the same fallback as the sync one. If it
-        is cancelled, what it had checked out goes back before the cancellation goes on."""
+        is cancelled, what it had checked out goes back before the cancellation goes on. The
+        connection is also kept on ``holder`` (``async with router.connect()``), which awaits
+        this coroutine itself: one coroutine less between the caller and the greenlet (its
+        switches copy the stack in between)."""
         engine = self.choose(read_only)
         tried: tuple[_Reader, ...] = ()
         while True:
@@ -415,6 +420,8 @@ class ReplicaRouter:
                         await connection.start()
                 if read_only and engine is self.writer:
                     await connection.execution_options(**_READ_ONLY)
+                if holder is not None:
+                    holder._connection = connection
                 return connection
             except BaseException as error:
                 await _give_back(connection)
@@ -709,15 +716,17 @@ class _AsyncConnect:
         self._read_only = read_only
         self._connection: AsyncConnection | None = None
 
-    async def __aenter__(self) -> AsyncConnection:
-        self._connection = await self._router._connect_async(self._read_only)
-        return self._connection
+    def __aenter__(self) -> Awaitable[AsyncConnection]:
+        return self._router._connect_async(self._read_only, self)
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: Any) -> None:
         connection = self._connection
         self._connection = None
         if connection is not None:
-            await connection.close()
+            # SQLAlchemy's own exit: the close runs in a task of its own, shielded, as for a
+            # plain ``async with engine.connect()``. Awaited here instead, the close's greenlet
+            # switches copy this task's deeper stack: 5 % of a one-row read's CPU (asyncpg).
+            await connection.__aexit__(*exc)
 
 
 class Route:
