@@ -285,6 +285,19 @@ def _patroni_lines(patroni: Any) -> list[str]:
     ]
 
 
+def _reads_line(settings: Settings, embedded: Any) -> str | None:
+    """Where GET /notes/ reads (ports only: a reader URL may hold a password)."""
+    if settings.read_urls:
+        ports = ", ".join(f":{url.port or 5432}" for url in settings.reader_urls)
+        return f"GET /notes/ on the read replicas of DEMO_READ_URLS ({ports}), a ReplicaRouter"
+    if embedded is not None and embedded.can_fail_over:
+        return (
+            "GET /notes/ on the standby through a ReplicaRouter over both servers' own URLs "
+            "(on the writer while no standby is in rotation)"
+        )
+    return None
+
+
 def _print_banner(settings: Settings, port: int, embedded: Any, patroni: Any = None) -> None:
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -314,6 +327,9 @@ def _print_banner(settings: Settings, port: int, embedded: Any, patroni: Any = N
         f"  endpoints  {base}/pg_version/  {base}/notes/  {base}/health  {base}/metrics  "
         f"{base}/docs",
     ]
+    reads = _reads_line(settings, embedded)
+    if reads:
+        lines.append(f"  reads      {reads}")
     if settings.otlp_endpoint:
         lines.append(f"  traces     OTLP/HTTP to {settings.otlp_endpoint}")
     if embedded is not None:

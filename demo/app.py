@@ -34,8 +34,16 @@ from fault_tolerant_pool import (
 from . import db
 from .embedded import CHAOS_STEPS, EmbeddedDatabase
 from .patroni import LEADER_INTERVAL, PatroniDemo
+from .reads import Reads, open_reads
 from .settings import Settings
-from .telemetry import PoolCollector, RequestCounters, RequestObserver, db_span, render_metrics
+from .telemetry import (
+    PoolCollector,
+    ReadsCollector,
+    RequestCounters,
+    RequestObserver,
+    db_span,
+    render_metrics,
+)
 
 log = logging.getLogger("demo")
 
@@ -79,10 +87,13 @@ class DemoState:
         self.writes_by_node: dict[str, int] = {}
         self.last_write: dict[str, Any] | None = None
         self.engine: AsyncEngine | None = None
+        #: Where ``GET /notes/`` reads: through a ReplicaRouter on the standby, or on the writer.
+        self.reads: Reads | None = None
         self.requests = RequestCounters()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LENGTH)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(self.stats, self.requests, settings.service_name))
+        self.registry.register(ReadsCollector(self.reads_health, settings.service_name))
         self.started_at = time.time()
         #: The restart, failover or standby rebuild under way (one at a time).
         self.database_task: asyncio.Task[None] | None = None
@@ -97,6 +108,9 @@ class DemoState:
 
     def stats(self) -> PoolStats | None:
         return db.pool_stats(self.engine) if self.engine is not None else None
+
+    def reads_health(self) -> dict[str, Any]:
+        return self.reads.health() if self.reads is not None else {"routed": False}
 
     @property
     def db_state(self) -> str:
@@ -266,6 +280,8 @@ class DemoState:
             "pool": pool,
             "database": database,
             "requests": self.requests.as_dict(),
+            # GET /notes/: on which server (by name and port), and why the writer took some
+            "reads": self.reads_health(),
             # POST /notes/ runs in the transaction runner; idempotent: a COMMIT cut in flight is
             # run again too (the write carries a key of its own)
             "writes": {"idempotent": self.settings.idempotent_writes},
@@ -449,6 +465,9 @@ def create_app(
         )
         try:
             await db.create_schema(state.engine, settings.startup_timeout)
+            # After the schema: its COMMIT is nobody's write to read back (read-your-writes).
+            state.reads = open_reads(settings, state.engine, database)
+            await state.reads.start()
             if on_ready is not None:
                 on_ready()
             yield
@@ -465,6 +484,11 @@ def create_app(
             if state.database_task is not None:
                 with contextlib.suppress(Exception):
                     await state.database_task
+            if state.reads is not None:
+                try:
+                    await state.reads.aclose()  # the router's checks, then the readers' engines
+                except Exception:  # the writer's own shutdown below must still run
+                    log.exception("closing the reads' router and engines failed")
             # The lifespan recipe of docs/leaks.md: uvicorn has let the in-flight requests
             # finish; what still holds a connection gets shutdown_timeout seconds, then it is
             # closed and reported as a leak (with its task and checkout site).
@@ -491,6 +515,11 @@ def create_app(
         if state.engine is None:
             raise RuntimeError("the app is not started (lifespan not run)")
         return state.engine
+
+    def reads() -> Reads:
+        if state.reads is None:
+            raise RuntimeError("the app is not started (lifespan not run)")
+        return state.reads
 
     # -- errors ------------------------------------------------------------------------------------
 
@@ -538,15 +567,18 @@ def create_app(
 
     @app.get("/notes/")
     async def list_notes(limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
-        """The newest rows and how many there are."""
+        """The newest rows and how many there are: on a standby when the demo has one (a
+        ReplicaRouter's reads, in the transaction runner), else on the writer."""
         with db_span("SELECT", "demo_notes", server):
-            count, notes = await db.latest_notes(engine(), limit)
+            count, notes = await reads().run(lambda conn: db.latest_notes(conn, limit))
         return {"count": count, "notes": notes}
 
     @app.get("/notes/{note_id}")
     async def get_note(note_id: int) -> dict[str, Any]:
+        """One row, read where ``GET /notes/`` reads (a standby may not have replayed a write
+        of the last few milliseconds yet)."""
         with db_span("SELECT", "demo_notes", server):
-            note = await db.get_note(engine(), note_id)
+            note = await reads().run(lambda conn: db.get_note(conn, note_id))
         if note is None:
             raise HTTPException(404, f"no note {note_id}")
         return note

@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from fault_tolerant_pool import (
@@ -57,14 +58,23 @@ def _prepared_statement_name() -> str:
     return f"__asyncpg_{uuid.uuid4().hex}__"
 
 
-def make_engine(settings: Settings) -> AsyncEngine:
+def make_engine(
+    settings: Settings,
+    url: URL | None = None,
+    pool_name: str | None = None,
+    *,
+    reader: bool = False,
+) -> AsyncEngine:
     """An async engine on ``FaultTolerantQueuePool`` (or ``FaultTolerantNullPool`` for PgBouncer).
 
     Each connect attempt gets the driver's own timeout (``connect_timeout``), so a stalled
     network costs one attempt, not the whole retry deadline. With the null pool the driver makes
     no named server-side prepared statements, which PgBouncer in transaction mode cannot keep.
+    ``url`` (default: the writer's), ``pool_name`` and ``reader`` make a reader's engine, with
+    the same settings; its pool is named without a host, as everything the demo shows.
     """
-    url = settings.url
+    if url is None:
+        url = settings.url
     asyncpg = url.get_driver_name() == "asyncpg"
     connect_args: dict[str, Any] = {}
     if asyncpg:
@@ -93,11 +103,20 @@ def make_engine(settings: Settings) -> AsyncEngine:
             pool_pre_ping=True,  # a connection the restart killed is noticed at checkout
             pool_timeout=settings.retry_deadline + 20,
         )
+    if pool_name is not None:
+        pool_kw["pool_name"] = pool_name
+    if reader:
+        # A reader's server is the writer now and then (each server of the embedded database is
+        # a reader, and a failover swaps them). The demotion check would take a pool that once
+        # reached a writer for one that must reach a writer again, and refuse the standby
+        # rebuilt on that port (ReadOnlyRoute) for as long as its failed checks keep the pool
+        # in doubt. The router's checks say which server is a standby.
+        pool_kw["demotion_check"] = False
     return create_async_engine(
         url,
         poolclass=poolclass,
         connect_args=connect_args,
-        pool_logging_name=settings.service_name,
+        pool_logging_name=pool_name or settings.service_name,
         **pool_kw,
     )
 
@@ -179,21 +198,21 @@ async def add_note(
     }
 
 
-async def get_note(engine: AsyncEngine, note_id: int) -> dict[str, Any] | None:
-    async with engine.connect() as conn:
-        row = (await conn.execute(sa.select(notes).where(notes.c.id == note_id))).one_or_none()
+async def get_note(conn: AsyncConnection, note_id: int) -> dict[str, Any] | None:
+    """One note by id: a unit of work for a read path (``reads.run(...)``)."""
+    row = (await conn.execute(sa.select(notes).where(notes.c.id == note_id))).one_or_none()
     return None if row is None else _note(row)
 
 
-async def latest_notes(engine: AsyncEngine, limit: int) -> tuple[int, list[dict[str, Any]]]:
-    """The total number of notes and the ``limit`` newest ones, in one round trip."""
+async def latest_notes(conn: AsyncConnection, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """The total number of notes and the ``limit`` newest ones, in one round trip (a unit of
+    work for a read path)."""
     total = sa.select(sa.func.count()).select_from(notes).scalar_subquery()
     query = sa.select(notes, total.label("total")).order_by(notes.c.id.desc()).limit(limit)
-    async with engine.connect() as conn:
-        rows = (await conn.execute(query)).all()
-        if not rows:
-            count = (await conn.execute(sa.select(sa.func.count()).select_from(notes))).scalar()
-            return int(count or 0), []
+    rows = (await conn.execute(query)).all()
+    if not rows:
+        count = (await conn.execute(sa.select(sa.func.count()).select_from(notes))).scalar()
+        return int(count or 0), []
     return int(rows[0].total), [_note(row) for row in rows]
 
 

@@ -128,6 +128,15 @@ class EmbeddedDatabase:
             return self.server.url(driver)
         return multi_host_url(driver, [self.server, self.standby])
 
+    def reader_urls(self, driver: str = "asyncpg") -> list[str]:
+        """Each server by its own URL, in the engine URL's order: the readers of the demo's
+        ``ReplicaRouter`` (empty without a standby). The writer among them takes no reads (its
+        check says it is not in recovery): the standby does, or the one rebuilt on the demoted
+        server's port. The ports never change, so the list stays valid through every failover."""
+        if not self.can_fail_over:
+            return []
+        return [self.server.url(driver, port=port) for port in self.ports]
+
     @property
     def restarting(self) -> bool:
         return self._busy

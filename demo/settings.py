@@ -36,6 +36,9 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "reported as a leak (default 10)",
     "DEMO_SHUTDOWN_TIMEOUT": "on Ctrl-C or SIGTERM, seconds in-flight requests and checked-out "
     "connections get to finish (default 10)",
+    "DEMO_READ_URLS": "with DATABASE_URL: the URLs of its read replicas, separated by commas or "
+    "spaces; GET /notes/ then reads there through a ReplicaRouter (unset: reads on DATABASE_URL; "
+    "the embedded database reads on its standby by itself)",
     "DEMO_IDEMPOTENT_WRITES": "on (default) or off: a write carries a key of its own, so the "
     "transaction runner runs it again after a COMMIT cut in flight too; off: that write answers "
     "503 outcome_unknown",
@@ -68,23 +71,30 @@ def _switch(raw: str) -> bool:
         raise ValueError(raw) from None
 
 
-def database_url(raw: str) -> URL:
+def database_url(raw: str, variable: str = "DATABASE_URL") -> URL:
     """Parse a database URL into the async SQLAlchemy URL the demo uses.
 
     ``postgres://`` and ``postgresql://`` mean asyncpg; ``postgresql+psycopg://`` means psycopg 3's
-    async flavour. Sync-only drivers are refused (the demo is an asyncio service).
+    async flavour. Sync-only drivers are refused (the demo is an asyncio service). An error names
+    ``variable`` and never repeats the URL, which may hold a password.
     """
     try:
         url = make_url(raw)
     except Exception:
-        raise SettingsError("DATABASE_URL is not a valid database URL") from None
+        raise SettingsError(f"{variable} is not a valid database URL") from None
     driver = _DRIVERS.get(url.drivername)
     if driver is None:
         raise SettingsError(
-            f"DATABASE_URL uses {url.drivername!r}; the demo speaks postgresql+asyncpg:// "
+            f"{variable} uses {url.drivername!r}; the demo speaks postgresql+asyncpg:// "
             "(also postgres:// and postgresql://) or postgresql+psycopg://"
         )
     return url.set(drivername=driver)
+
+
+def _url_list(raw: str) -> tuple[str, ...]:
+    """URLs separated by commas or whitespace (checked by :class:`Settings`, which names the
+    variable without repeating a URL)."""
+    return tuple(part for part in raw.replace(",", " ").split() if part)
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,9 @@ class Settings:
     """How the engine reaches the Patroni cluster: HAProxy's read-write port or a multi-host URL."""
     leak_threshold: float = 10.0
     shutdown_timeout: float = 10.0
+    read_urls: tuple[str, ...] = ()
+    """Read replicas of ``database_url`` (``DEMO_READ_URLS``): ``GET /notes/`` reads there
+    through a ``ReplicaRouter``. The embedded database needs none: it reads on its standby."""
     idempotent_writes: bool = True
     """``POST /notes/`` is declared idempotent (a key per write): a COMMIT cut in flight is run
     again instead of answered ``503 outcome_unknown``."""
@@ -141,6 +154,13 @@ class Settings:
                 raise SettingsError(f"{name} must be a positive number of seconds, got {seconds}")
         if self.database_url is not None:
             database_url(self.database_url)  # validates
+        if self.read_urls and self.database_url is None:
+            raise SettingsError(
+                "DEMO_READ_URLS lists read replicas of DATABASE_URL: set DATABASE_URL too "
+                "(the embedded database reads on its own standby)"
+            )
+        for raw in self.read_urls:
+            database_url(raw, "DEMO_READ_URLS")  # validates
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -161,6 +181,7 @@ class Settings:
             ("patroni_route", "DEMO_PATRONI_ROUTE", lambda v: v.strip().lower()),
             ("leak_threshold", "DEMO_LEAK_THRESHOLD", float),
             ("shutdown_timeout", "DEMO_SHUTDOWN_TIMEOUT", float),
+            ("read_urls", "DEMO_READ_URLS", _url_list),
             ("idempotent_writes", "DEMO_IDEMPOTENT_WRITES", _switch),
             ("service_name", "OTEL_SERVICE_NAME", str),
             ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", str),
@@ -184,3 +205,8 @@ class Settings:
         if self.database_url is None:
             raise SettingsError("no database URL (the embedded database is not started)")
         return database_url(self.database_url)
+
+    @property
+    def reader_urls(self) -> tuple[URL, ...]:
+        """The async SQLAlchemy URLs of ``read_urls``."""
+        return tuple(database_url(raw, "DEMO_READ_URLS") for raw in self.read_urls)

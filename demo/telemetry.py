@@ -3,8 +3,8 @@
 - ``/metrics`` is Prometheus text from two sources: the global OpenTelemetry ``MeterProvider``
   (installed by :func:`install` with the Prometheus reader, so every OpenTelemetry metric in the
   process, the pool's own ``db.client.connection.*`` included once the pool records them, shows
-  up there), and :class:`PoolCollector`, which turns ``engine.pool.stats()`` into counters and
-  gauges at scrape time.
+  up there), :class:`PoolCollector`, which turns ``engine.pool.stats()`` into counters and
+  gauges at scrape time, and :class:`ReadsCollector`, where the reads went (per reader by port).
 - Traces go over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set: one server span per
   request (:class:`RequestObserver`) and one client span per database operation (:func:`db_span`).
 """
@@ -340,6 +340,62 @@ class PoolCollector(Collector):
             error = stats.last_error
             last.add_metric([self._pool, error.error_class, error.sqlstate or ""], error.at)
             yield last
+
+
+class ReadsCollector(Collector):
+    """The demo's reads (``/health``'s ``reads``, so that both say the same): per reader by name
+    and port, and the writer's share by route and reason. Nothing without read replicas."""
+
+    def __init__(self, reads: Callable[[], Mapping[str, Any]], pool_name: str) -> None:
+        self._reads = reads
+        self._pool = pool_name
+
+    def collect(self) -> Iterable[Metric]:
+        reads = self._reads()
+        if not reads.get("routed"):
+            return
+        server = ["pool", "server", "port"]
+        routed = CounterMetricFamily(
+            "demo_reads",
+            "Reads routed by the ReplicaRouter: to a reader, or to the writer (fallback: no "
+            "reader in rotation; read_your_writes: the request had just written)",
+            labels=[*server, "route"],
+        )
+        rotation = GaugeMetricFamily(
+            "demo_reads_in_rotation", "1 while the reader takes reads", labels=server
+        )
+        lag = GaugeMetricFamily(
+            "demo_reads_replica_lag_seconds",
+            "Seconds the reader was behind at the router's last check",
+            labels=server,
+        )
+        for reader in reads["servers"]:
+            labels = [self._pool, reader["name"], str(reader["port"] or "")]
+            routed.add_metric([*labels, "reader"], reader["reads"])
+            rotation.add_metric(labels, 1 if reader["in_rotation"] else 0)
+            if reader["lag"] is not None:
+                lag.add_metric(labels, reader["lag"])
+        writer = reads["writer"]
+        for route in ("fallback", "read_your_writes"):
+            count = writer["fallbacks" if route == "fallback" else route]
+            routed.add_metric([self._pool, "writer", "", route], count)
+        yield from (routed, rotation, lag)
+        reasons = CounterMetricFamily(
+            "demo_reads_on_writer",
+            "Reads the writer answered, by why (no_standby, standby_down, standby_behind, "
+            "not_checked, read_your_writes, checkout_failed)",
+            labels=["pool", "reason"],
+        )
+        for reason, count in sorted(writer["reasons"].items()):
+            reasons.add_metric([self._pool, reason], count)
+        yield reasons
+        again = CounterMetricFamily(
+            "demo_reads_run_again",
+            "Reads the transaction runner ran again after a fault cut them",
+            labels=["pool"],
+        )
+        again.add_metric([self._pool], reads["run_again"])
+        yield again
 
 
 def render_metrics(own: CollectorRegistry) -> bytes:

@@ -160,6 +160,9 @@ def fail_over_and_rebuild(
     standby = int(re.search(r"127\.0\.0\.1:(\d+) ", demo.banner_value("standby")).group(1))  # type: ignore[union-attr]
     wait_for(lambda: text("writes-on").startswith(f"127.0.0.1:{primary} "), 10, "writes on primary")
     assert "pg_is_in_recovery() = false" in text("writes-on")
+    # The page's reads land on the standby (a ReplicaRouter), and move to the writer once the
+    # standby is promoted; the rebuilt standby takes them again.
+    wait_for(lambda: text("reads-on") == f"127.0.0.1:{standby} (a standby)", 10, "reads on standby")
     failed_before = _number(text("traffic-failed"))
     button = driver.find_element(By.ID, "failover")
     assert button.text == "Fail over"
@@ -168,6 +171,8 @@ def fail_over_and_rebuild(
     wait_for(lambda: text("failover") == "Rebuild the standby", 10, "the rebuild button")
     wait_for(lambda: "demoted" in text("servers") and "true" in text("servers"), 10, "roles")
     assert text("writer-port") == f"127.0.0.1:{standby}"
+    wait_for(lambda: text("reads-on").startswith("the writer"), 10, "reads on the writer")
+    assert "no server is a standby" in text("reads-writer")
     time.sleep(1.5)  # some writes on the new primary in the table and the charts
     shot = tmp_path / "demo-failover.png"
     driver.set_window_size(1400, 1350)  # the servers' table below the charts, too
@@ -185,6 +190,8 @@ def fail_over_and_rebuild(
     wait_for(lambda: text("failover") == "Fail over", 30, "the standby rebuilt")
     wait_for(lambda: f"127.0.0.1:{primary} standby true" in text("servers"), 10, "it replicates")
     assert text("writes-on").startswith(f"127.0.0.1:{standby} ")
+    wait_for(lambda: text("reads-on") == f"127.0.0.1:{primary} (a standby)", 10, "reads back")
+    assert _number(text("reads-failed")) == 0 and _number(text("reads-ok")) > 0
     return shot
 
 
@@ -212,4 +219,5 @@ def chaos_mix(driver: Any, text: Any, wait_for: Any, tmp_path: Path) -> Path:
     shot = tmp_path / "demo-chaos.png"
     assert driver.save_screenshot(str(shot))
     assert _number(text("traffic-failed")) == 0 and _number(text("failed")) == 0
+    assert _number(text("reads-failed")) == 0
     return shot

@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from demo.app import database_error_body
 from demo.settings import Settings, SettingsError
+from fault_tolerant_pool import ReaderStatus
 
 
 def test_settings_from_the_environment() -> None:
@@ -130,3 +131,52 @@ def test_idempotent_writes_setting() -> None:
     assert Settings.from_environ({"DEMO_IDEMPOTENT_WRITES": "off"}).idempotent_writes is False
     with pytest.raises(SettingsError, match="DEMO_IDEMPOTENT_WRITES has an invalid value"):
         Settings.from_environ({"DEMO_IDEMPOTENT_WRITES": "sometimes"})
+
+
+def test_read_urls_setting() -> None:
+    settings = Settings.from_environ(
+        {
+            "DATABASE_URL": "postgres://app:pw@db/app",
+            "DEMO_READ_URLS": " postgres://app:pw@replica-1:5433/app,"
+            "postgresql+psycopg://app:pw@replica-2/app ",
+        }
+    )
+    assert len(settings.read_urls) == 2
+    assert [(u.drivername, u.host, u.port) for u in settings.reader_urls] == [
+        ("postgresql+asyncpg", "replica-1", 5433),
+        ("postgresql+psycopg_async", "replica-2", None),
+    ]
+    assert Settings().read_urls == ()
+    with pytest.raises(SettingsError, match="DEMO_READ_URLS uses 'mysql'") as info:
+        Settings.from_environ(
+            {"DATABASE_URL": "postgres://h/d", "DEMO_READ_URLS": "mysql://u:s3cret@h/d"}
+        )
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(SettingsError, match="set DATABASE_URL too"):
+        Settings.from_environ({"DEMO_READ_URLS": "postgres://u:s3cret@h/d"})
+
+
+def reader(role: str, in_rotation: bool = False, lag: float | None = 0.0) -> ReaderStatus:
+    return ReaderStatus(
+        name="h:1/d", role=role, lag=lag, in_rotation=in_rotation, reads=0,
+        skipped_for_lag=0, skipped_down=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "readers, reason",
+    [
+        ([reader("primary"), reader("standby", in_rotation=True)], None),
+        ([reader("primary"), reader("primary")], "no_standby"),  # the standby was promoted
+        ([reader("primary"), reader("down", lag=None)], "standby_down"),  # e.g. rebuilding
+        ([reader("primary"), reader("standby", lag=0.1)], "standby_down"),  # a hung check
+        ([reader("primary"), reader("standby", lag=4.0)], "standby_behind"),  # past 5 / 2
+        ([reader("unknown", lag=None), reader("unknown", lag=None)], "not_checked"),
+        ([reader("down", lag=None), reader("standby", lag=9.0)], "standby_behind"),
+    ],
+)
+def test_why_the_writer_took_a_read(readers: list[ReaderStatus], reason: str | None) -> None:
+    from demo.reads import WRITER_REASONS, why_no_reader
+
+    assert why_no_reader(readers, max_replica_lag=5.0) == reason
+    assert reason is None or reason in WRITER_REASONS
