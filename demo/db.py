@@ -105,13 +105,6 @@ def make_engine(
         )
     if pool_name is not None:
         pool_kw["pool_name"] = pool_name
-    if reader:
-        # A reader's server is the writer now and then (each server of the embedded database is
-        # a reader, and a failover swaps them). The demotion check would take a pool that once
-        # reached a writer for one that must reach a writer again, and refuse the standby
-        # rebuilt on that port (ReadOnlyRoute) for as long as its failed checks keep the pool
-        # in doubt. The router's checks say which server is a standby.
-        pool_kw["demotion_check"] = False
     return create_async_engine(
         url,
         poolclass=poolclass,

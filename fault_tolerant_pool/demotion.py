@@ -125,13 +125,16 @@ class DemotionWatch:
     ``demoted`` is called (with a description) once per demotion seen, for the stats and logs.
     """
 
-    __slots__ = ("had_writer", "on_demoted", "wants_writer")
+    __slots__ = ("had_writer", "on_demoted", "serves_reads", "wants_writer")
 
     def __init__(self, wants_writer: bool, on_demoted: Callable[[], None]) -> None:
         self.wants_writer = wants_writer
         self.on_demoted = on_demoted
         self.had_writer = False
         """Some connection of the pool was made to a writable server."""
+        self.serves_reads = False
+        """A read router's reader (:class:`~fault_tolerant_pool.ReplicaRouter`): a read-only
+        server is what it is for, never a demoted writer nor a route to refuse."""
 
     def connected(self, info: dict[str, Any], driver_connection: Any) -> None:
         """A new physical connection: remember whether its server was read-only."""
@@ -143,7 +146,7 @@ class DemotionWatch:
     def vet(self, driver_connection: Any) -> None:
         """Refuse a new connection to a read-only server in a pool that had a writer (call it
         only while the pool is in doubt: see the module docstring)."""
-        if self.had_writer and reported_read_only(driver_connection) is True:
+        if self.had_writer and not self.serves_reads and reported_read_only(driver_connection):
             raise ReadOnlyRoute(
                 "the server reached is read-only (a standby, or a demoted writer) where this "
                 "pool's connections reached a writer: a route not yet moved after a failover"
@@ -152,6 +155,8 @@ class DemotionWatch:
     def judge(self, info: dict[str, Any], driver_connection: Any, signal: bool = True) -> bool:
         """Whether the connection's server was demoted: after a statement's read-only
         ``signal``, or (``signal`` false) after a ping, where only a reported change counts."""
+        if self.serves_reads:
+            return False
         now = reported_read_only(driver_connection)
         connected = info.get(CONNECTED_READ_ONLY)
         if not demoted(

@@ -163,6 +163,13 @@ class _Reader:
         self.sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         tolerance = getattr(self.sync_engine.pool, "_fault_tolerance", None)
         self.gate = None if tolerance is None else tolerance.gate
+        demotion = None if tolerance is None else tolerance.demotion
+        if demotion is not None:
+            # A reader's server is the writer now and then (every node listed as a reader, a
+            # failover swapping them): its pool must not refuse the standby it reaches later
+            # as "a route not yet moved after a failover" (ReadOnlyRoute), nor take a standby
+            # for a demoted writer. Which server is a standby is the checks' call.
+            demotion.serves_reads = True
         self.name = _name(self.sync_engine)
         self.check_engine: Engine | AsyncEngine | None = None
         self.listener: Callable[[Any], None] | None = None

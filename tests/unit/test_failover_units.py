@@ -274,6 +274,21 @@ def test_the_watch_vets_a_new_connection_to_a_read_only_server_in_a_pool_that_ha
     watch.vet(make())  # PostgreSQL 13: says nothing, passes
 
 
+@pytest.mark.parametrize("make", [psycopg_like, asyncpg_like])
+def test_a_readers_watch_neither_refuses_nor_demotes_a_standby(make: Any) -> None:
+    """A read router's reader (``serves_reads``): its server was the writer before a failover,
+    and a standby reached later is what it is for, not a route to refuse or a demotion."""
+    seen: list[int] = []
+    watch = DemotionWatch(False, lambda: seen.append(1))
+    watch.serves_reads = True
+    info: dict[str, Any] = {}
+    watch.connected(info, make(in_hot_standby="off", default_transaction_read_only="off"))
+    assert watch.had_writer
+    standby = make(in_hot_standby="on", default_transaction_read_only="on")
+    watch.vet(standby)  # no ReadOnlyRoute
+    assert watch.judge(info, standby) is False and seen == []
+
+
 def test_the_connector_retries_a_vetted_connection_and_closes_it() -> None:
     clock = Clock()
     closed: list[Any] = []
