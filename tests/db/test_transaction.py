@@ -557,6 +557,21 @@ async def test_many_units_while_backends_are_terminated(side: Side, flavour: str
 # -- COMMIT cut in flight --------------------------------------------------------------------------
 
 
+async def warm_unit(
+    side: Side, flavour: str, proxy: FaultProxy, key: int, orm: bool = False
+) -> tuple[Target, Unit[int]]:
+    """An engine through ``proxy`` with one connection made, and a unit writing one row of
+    ``key`` and returning its run number."""
+    target = side.target(flavour, port=proxy.port, orm=orm)
+    await target.warm_up()
+
+    def body(run: int) -> Generator[Step, Any, int]:
+        yield add_entry(orm, key, run)
+        return run
+
+    return target, Unit(body)
+
+
 @live
 @flavours
 @pytest.mark.parametrize(
@@ -571,15 +586,7 @@ async def test_commit_cut_in_flight_has_an_unknown_outcome_unless_resolved(
     (``resolve_outcome=False``): not run again, TransactionOutcomeUnknown. Whether the row is
     there depends on whether the server saw the COMMIT, which the client cannot know; here the
     test knows."""
-    orm = api == "orm"
-    target = side.target(flavour, port=proxy.port, orm=orm)
-    await target.warm_up()
-
-    def body(run: int) -> Generator[Step, Any, int]:
-        yield add_entry(orm, 3, run)
-        return run
-
-    unit = Unit(body)
+    target, unit = await warm_unit(side, flavour, proxy, 3, orm=api == "orm")
     proxy.cut_on(b"COMMIT", forward=forward)
     with pytest.raises(TransactionOutcomeUnknown) as info:
         await target.run(unit, QUICK.new(resolve_outcome=False))
@@ -611,15 +618,7 @@ async def test_commit_cut_in_flight_is_resolved_by_asking_the_server(
     """With the defaults the runner noted the transaction's id before COMMIT and, after the
     cut, asks the server: it committed (the server saw the COMMIT), so run 1's result is
     returned and nothing runs again; or it did not, so the unit runs again. One row either way."""
-    orm = api == "orm"
-    target = side.target(flavour, port=proxy.port, orm=orm)
-    await target.warm_up()
-
-    def body(run: int) -> Generator[Step, Any, int]:
-        yield add_entry(orm, 4, run)
-        return run
-
-    unit = Unit(body)
+    target, unit = await warm_unit(side, flavour, proxy, 4, orm=api == "orm")
     proxy.cut_on(b"COMMIT", forward=forward)
     assert await target.run(unit) == (1 if forward else 2)
     assert proxy.connections_cut == 1
@@ -642,14 +641,7 @@ async def test_a_connection_lost_while_noting_the_id_runs_the_unit_again(
 ) -> None:
     """The connection dies as the runner asks for the transaction's id (before COMMIT): nothing
     was committed, so the unit runs again, like any failure before COMMIT."""
-    target = side.target(flavour, port=proxy.port)
-    await target.warm_up()
-
-    def body(run: int) -> Generator[Step, Any, int]:
-        yield add_entry(False, 6, run)
-        return run
-
-    unit = Unit(body)
+    target, unit = await warm_unit(side, flavour, proxy, 6)
     proxy.cut_on(b"pg_current_xact_id_if_assigned", forward=False)
     assert await target.run(unit) == 2
     assert proxy.connections_cut == 1
