@@ -497,7 +497,10 @@ async def test_stopped_standbys_leave_the_rotation_without_a_failed_read_and_com
             both = time.monotonic()
             await asyncio.to_thread(s2.stop)
             await wait_until(lambda: not status(router, 1).in_rotation, 2.5, "s2 out of rotation")
-            await asyncio.sleep(0.6)
+            # A read that picked s2 just before it left the rotation waits on s2's probe until
+            # check_timeout (1.5 s), then falls back: the first read on the writer comes by then.
+            await wait_until(lambda: bool(load.on(primary.port)), 3.0, "a read on the writer")
+            await asyncio.sleep(max(0.3, both + 0.8 - time.monotonic()))
             second = router.stats()
             on_writer = load.on(primary.port)
             assert on_writer and all(not r.standby for r in on_writer)
