@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, InvalidRequestError
 from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import queue as sqla_queue
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -238,3 +239,29 @@ def shutdown(
     if _is_async(engine):
         return greenlet_spawn(pool.close, seconds)
     return pool.close(seconds)  # type: ignore[no-any-return]
+
+
+def close_stale_idle(pool: Any, upkeep: Any, give_back: Callable[[Any, Any], None]) -> int:
+    """Close ``pool``'s idle connections made before the latest drain (``upkeep.stale``); their
+    slots stay (``give_back`` returns each empty record to the queue). Returns how many."""
+    queue = pool._pool
+    taken = []
+    for _ in range(queue.qsize()):
+        try:
+            taken.append(queue.get(False))
+        except sqla_queue.Empty:
+            break
+    stale = [record for record in taken if upkeep.stale(record)]
+    for record in taken:
+        if not upkeep.stale(record):
+            give_back(pool, record)
+    for index, record in enumerate(stale):
+        try:
+            pool._fault_tolerance.counters.retire("drain")
+            record.close()
+        except BaseException:  # cancelled, or no greenlet: no slot may be lost
+            for left in stale[index:]:
+                give_back(pool, left)
+            raise
+        give_back(pool, record)  # the empty slot goes back
+    return len(stale)

@@ -153,16 +153,46 @@ def test_credentials_need_an_engine() -> None:
 
 
 @pytest.mark.parametrize("poolclass", [FaultTolerantQueuePool, FaultTolerantNullPool])
-def test_both_pool_classes_name_every_argument(poolclass: type) -> None:
-    """SQLAlchemy passes a pool only what its ``__init__`` names: each class must list them all."""
-    import inspect
+def test_create_engine_passes_every_setting_to_both_pool_classes(poolclass: type) -> None:
+    """SQLAlchemy passes a pool only what its scan of the ``__init__`` ladder finds: every
+    setting must be found (they are keyword-only, named for the scan by SettingNames)."""
+    from sqlalchemy.util import get_cls_kwargs
 
     from fault_tolerant_pool.pool import POOL_ARGUMENTS
 
-    named = set(inspect.signature(poolclass.__init__).parameters) - {
-        "self", "creator", "_fault_tolerance", "kw",
-    }
-    assert named == set(POOL_ARGUMENTS)
+    assert set(POOL_ARGUMENTS) <= get_cls_kwargs(poolclass)
+    engine = sa.create_engine(
+        URL.format(driver="psycopg"), poolclass=poolclass, retry_deadline=3, pool_name="x"
+    )
+    settings = engine.pool._fault_tolerance.settings  # type: ignore[attr-defined]
+    assert (settings.retry_deadline, settings.pool_name) == (3.0, "x")
+
+
+def test_sqlalchemy_positional_order_holds() -> None:
+    """``QueuePool(creator, 5)`` sets pool_size: the settings are keyword-only, so a pool built
+    by hand takes SQLAlchemy's positional arguments as the stock class does."""
+    import inspect
+
+    from sqlalchemy.pool import QueuePool
+
+    pool = FaultTolerantQueuePool(lambda: None, 3, 7, 4.5, True)
+    stock = QueuePool(lambda: None, 3, 7, 4.5, True)
+    assert (pool.size(), pool._max_overflow, pool._timeout, pool._pool.use_lifo) == (
+        stock.size(), stock._max_overflow, stock._timeout, stock._pool.use_lifo,
+    )  # fmt: skip
+    assert pool._fault_tolerance.settings.retry_attempts is None  # not set by the 3
+    parameters = inspect.signature(FaultTolerantQueuePool).parameters
+    assert list(parameters)[:5] == ["creator", "pool_size", "max_overflow", "timeout", "use_lifo"]
+    assert parameters["retry_deadline"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError):
+        FaultTolerantQueuePool(lambda: None, 3, 7, 4.5, True, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+
+
+def test_the_settings_carrier_is_never_called() -> None:
+    from fault_tolerant_pool.settings import NAMES, SettingNames
+
+    with pytest.raises(TypeError, match="never called"):
+        SettingNames(**dict.fromkeys(NAMES))
 
 
 def test_fail_fast_and_max_waiting_from_config_survive_dispose() -> None:

@@ -40,7 +40,7 @@ def pool_keywords(poolclass: type) -> dict[str, object]:
         for name, parameter in inspect.signature(poolclass.__init__).parameters.items()
         if name not in NOT_OURS
         and not name.startswith("_")
-        and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        and parameter.kind is inspect.Parameter.KEYWORD_ONLY
     }
 
 
@@ -92,6 +92,17 @@ def test_every_keyword_is_in_the_parameter_table_with_its_real_default(page: Pat
         or type(ast.literal_eval(cell)) is not type(keywords[name])
     }
     assert wrong == {}, "(table, signature) defaults differ"
+
+
+def test_the_parameter_table_is_the_settings_declaration() -> None:
+    """The table's rows (meaning included) are rendered from fault_tolerant_pool.settings:
+    edit the declaration, then paste ``python -m fault_tolerant_pool.settings``'s output."""
+    from fault_tolerant_pool.settings import parameter_table
+
+    lines = (DOCS / "parameters.md").read_text().splitlines()
+    start = lines.index("| parameter | default | meaning |")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    assert "\n".join(lines[start:end]) == parameter_table()
 
 
 def test_the_two_parameter_tables_say_the_same() -> None:

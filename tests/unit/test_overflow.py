@@ -193,6 +193,7 @@ def make_pool(**kw: Any) -> tuple[Any, Clock]:
     clock = Clock()
     if pool._overflow_idle is not None:
         pool._overflow_idle = OverflowIdle(pool._overflow_idle.seconds, clock=clock)
+        pool._steps = pool._build_steps()  # the checkin steps hold the rule they were built with
     return pool, clock
 
 
