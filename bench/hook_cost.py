@@ -77,7 +77,7 @@ def time_the_hooks() -> None:
 
     def connected(self: Any, record: Any, driver_connection: Any) -> None:
         original_connected(self, record, driver_connection)
-        probe = upkeep.life_of(record).probe  # type: ignore[union-attr]
+        probe = record.notes.probe
         if probe is not None:
             probe.closed = timed("driver closed flag", probe.closed)
             probe.readable = timed("socket poll", probe.readable)

@@ -33,7 +33,15 @@ from fault_tolerant_pool.telemetry import PoolTelemetry
 
 
 class _Record:
-    """Stands in for SQLAlchemy's connection record (the telemetry uses its ``__dict__``)."""
+    """Stands in for the pool's connection record (the telemetry uses its notes; an older tree,
+    its ``__dict__``)."""
+
+    def __init__(self) -> None:
+        try:
+            from fault_tolerant_pool.notes import ConnectionNotes
+        except ImportError:  # a tree from before the notes
+            return
+        self.notes = ConnectionNotes()
 
 
 class _Proxied:

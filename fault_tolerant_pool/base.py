@@ -168,7 +168,7 @@ class _FaultTolerantPool(SettingNames, Pool):
             upkeep.connected(record, driver_connection)
         demotion = self._fault_tolerance.demotion
         if demotion is not None and record is not None:
-            demotion.connected(record.__dict__, driver_connection)
+            demotion.connected(record, driver_connection)
 
     def _invalidate_all(self) -> None:
         """Every connection made before now is replaced at its next checkout (as SQLAlchemy

@@ -29,6 +29,7 @@ from sqlalchemy.util import await_only
 
 from .classify import _os_error_is_transient
 from .errors import CredentialsError, one_line, redact
+from .notes import notes_of
 from .stats import ConnectCounters
 
 #: SQLSTATEs of a refused login: the cached secret may be stale, so it is fetched again once.
@@ -334,17 +335,18 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
 
 # -- the way to the driver: the dialect's do_connect event ---------------------------------------
 
-_OFFER = "_fault_tolerant_pool_secret"
-
 
 def offer(record: Any, secret: Secret) -> None:
-    """Leave ``secret`` on the pool's connection record for :func:`apply_credentials`."""
-    record.__dict__[_OFFER] = secret
+    """Leave ``secret`` in the notes of the pool's connection record for
+    :func:`apply_credentials`."""
+    notes_of(record).offer = secret
 
 
 def withdraw(record: Any) -> Secret | None:
     """Take back an offered secret; not None means the dialect never applied it."""
-    result: Secret | None = record.__dict__.pop(_OFFER, None)
+    notes = notes_of(record)
+    result: Secret | None = notes.offer
+    notes.offer = None
     return result
 
 
@@ -356,10 +358,12 @@ def apply_credentials(
     SQLAlchemy passes a copy of the connect arguments per call, so concurrent connects with
     different secrets never see each other's. Returns None: later listeners still run.
     """
-    if connection_record is None:
+    notes = getattr(connection_record, "notes", None)  # None: a record given no offer
+    if notes is None:
         return
-    secret = connection_record.__dict__.pop(_OFFER, None)
+    secret: Secret | None = notes.offer
     if secret is not None:
+        notes.offer = None
         if secret.user is not None:
             cparams["user"] = secret.user
         cparams["password"] = secret.password

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .classify import sqlstate_of
+from .notes import ConnectionNotes, notes_of
 
 logger = logging.getLogger("fault_tolerant_pool.failover")
 
@@ -52,11 +53,6 @@ READ_ONLY_SIGNALS: dict[str, str | None] = {
     "25006": None,  # read_only_sql_transaction: "cannot execute INSERT in a read-only transaction"
     "55000": "recovery is in progress",  # object_not_in_prerequisite_state, on a standby
 }
-
-#: The key in the pool record's ``__dict__`` (not ``record.info``, which is the application's):
-#: whether the server was read-only when the record's connection was made (None: it did not
-#: say). Written at every connect, so it always describes the current connection.
-CONNECTED_READ_ONLY = "fault_tolerant_pool.read_only"
 
 
 class ReadOnlyRoute(ConnectionError):
@@ -136,10 +132,12 @@ class DemotionWatch:
         """A read router's reader (:class:`~fault_tolerant_pool.ReplicaRouter`): a read-only
         server is what it is for, never a demoted writer nor a route to refuse."""
 
-    def connected(self, info: dict[str, Any], driver_connection: Any) -> None:
-        """A new physical connection: remember whether its server was read-only."""
+    def connected(self, record: Any, driver_connection: Any) -> None:
+        """A new physical connection of ``record``: note whether its server was read-only
+        (``connected_read_only`` in the record's notes, written at every connect, so it always
+        describes the current connection)."""
         read_only = reported_read_only(driver_connection)
-        info[CONNECTED_READ_ONLY] = read_only
+        notes_of(record).connected_read_only = read_only
         if read_only is False and not self.had_writer:
             self.had_writer = True
 
@@ -152,13 +150,14 @@ class DemotionWatch:
                 "pool's connections reached a writer: a route not yet moved after a failover"
             )
 
-    def judge(self, info: dict[str, Any], driver_connection: Any, signal: bool = True) -> bool:
-        """Whether the connection's server was demoted: after a statement's read-only
-        ``signal``, or (``signal`` false) after a ping, where only a reported change counts."""
+    def judge(self, notes: ConnectionNotes, driver_connection: Any, signal: bool = True) -> bool:
+        """Whether the server of the connection ``notes`` describe was demoted: after a
+        statement's read-only ``signal``, or (``signal`` false) after a ping, where only a
+        reported change counts."""
         if self.serves_reads:
             return False
         now = reported_read_only(driver_connection)
-        connected = info.get(CONNECTED_READ_ONLY)
+        connected = notes.connected_read_only
         if not demoted(
             connected,
             now,
@@ -187,10 +186,10 @@ class DemotionWatch:
         try:
             fairy = connection.connection
             driver_connection = fairy.driver_connection
-            info = fairy._connection_record.__dict__
+            notes = notes_of(fairy._connection_record)
         except Exception:  # closed or invalidated meanwhile: nothing left to judge
             return
-        if driver_connection is not None and self.judge(info, driver_connection):
+        if driver_connection is not None and self.judge(notes, driver_connection):
             context.is_disconnect = True
 
 

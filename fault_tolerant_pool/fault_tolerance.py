@@ -51,7 +51,7 @@ class StatementSignals:
         connection = context.connection
         if connection is not None and not context.is_disconnect:
             with contextlib.suppress(Exception):  # closed meanwhile: nothing to mark
-                watchdog.suspect(connection.connection._connection_record.__dict__)
+                watchdog.suspect(connection.connection._connection_record)
         demotion = self.demotion
         if demotion is not None:
             demotion.handle_error(context)

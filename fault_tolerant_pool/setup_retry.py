@@ -22,6 +22,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 
 from .classify import Classifier, classify_with
 from .errors import redact
+from .notes import ConnectionNotes
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
 
@@ -43,7 +44,14 @@ def set_up_again(error: BaseException, classifier: Classifier | None, left: int)
 
 class SetUpRetriedRecord(_ConnectionRecord):
     """SQLAlchemy's pool record; its connect is made again when the set-up after the login
-    fails with a transient error."""
+    fails with a transient error. It carries the pool's notes on its connection (``notes``)."""
+
+    __slots__ = ("notes",)
+
+    def __init__(self, pool: Any, connect: bool = True) -> None:
+        # made before SQLAlchemy's __init__, which connects: the connect path writes the notes
+        self.notes = ConnectionNotes()
+        _ConnectionRecord.__init__(self, pool, connect)
 
     def _ConnectionRecord__connect(self) -> None:
         pool: Any = self._ConnectionRecord__pool  # type: ignore[attr-defined]

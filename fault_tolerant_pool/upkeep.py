@@ -23,7 +23,8 @@ from sqlalchemy.exc import DisconnectionError
 from .demotion import DemotionWatch
 from .doubt import Doubt
 from .lifetime import IdleWindow, LifetimePolicy
-from .liveness import LivenessPolicy, Probe, probe_for
+from .liveness import LivenessPolicy, probe_for
+from .notes import ConnectionNotes, notes_of
 from .stats import ConnectCounters, Retirement
 
 if TYPE_CHECKING:
@@ -35,30 +36,6 @@ logger = logging.getLogger("fault_tolerant_pool.upkeep")
 KEEP, REPLACE, SHRINK = 0, 1, 2
 """KEEP: back into the pool. REPLACE: closed, its empty slot back into the pool (the next
 checkout connects again). SHRINK: closed, and the slot given up (the pool holds one fewer)."""
-
-_LIFE = "_fault_tolerant_pool_life"
-
-
-class ConnectionLife:
-    """Per physical connection: its retirement deadline, when it was last returned, its probe,
-    and whether it is fresh (not returned yet: made for the checkout that lends it), and the
-    pool's generation (see :meth:`Upkeep.drain`) when it was made."""
-
-    __slots__ = ("deadline", "fresh", "generation", "last_used", "probe")
-
-    def __init__(
-        self, deadline: float, last_used: float, probe: Probe | None, generation: int = 0
-    ) -> None:
-        self.deadline = deadline
-        self.last_used = last_used
-        self.probe = probe
-        self.fresh = True
-        self.generation = generation
-
-
-def life_of(record: Any) -> ConnectionLife | None:
-    life: ConnectionLife | None = record.__dict__.get(_LIFE)
-    return life
 
 
 class Upkeep:
@@ -96,12 +73,17 @@ class Upkeep:
         return bool(liveness.check or lifetime.max_lifetime or lifetime.max_idle)
 
     def connected(self, record: Any, driver_connection: Any) -> None:
-        """A physical connection was made for ``record``: draw its deadline, build its probe."""
+        """A physical connection was made for ``record``: draw its deadline, build its probe
+        (the stamp in the record's notes, written over the previous connection's)."""
         now = self.clock()
         probe = probe_for(driver_connection) if self.probing else None
-        record.__dict__[_LIFE] = ConnectionLife(
-            self.lifetime.deadline(now, self.random), now, probe, self.generation
-        )
+        deadline = self.lifetime.deadline(now, self.random)
+        notes = notes_of(record)
+        notes.deadline = deadline
+        notes.last_used = now
+        notes.probe = probe
+        notes.fresh = True
+        notes.generation = self.generation
 
     def drain(self) -> None:
         """From now on, every connection made before this call is retired instead of lent."""
@@ -116,45 +98,46 @@ class Upkeep:
         """Whether ``record`` holds a connection made before the latest :meth:`drain`."""
         if record.dbapi_connection is None:
             return False
-        life: ConnectionLife | None = record.__dict__.get(_LIFE)
-        # no life: made before this upkeep existed (a drain installs one on a pool without rules)
-        return self.generation != (0 if life is None else life.generation)
+        generation = notes_of(record).generation
+        # not stamped: made before this upkeep existed (a drain installs one on a rule-less pool)
+        return self.generation != (0 if generation is None else generation)
 
     def checkout(self, record: Any, dialect: Any) -> None:
         """Before lending ``record``'s connection: retire it if expired, replace it if dead.
 
         A connection made for this very checkout (fresh) is not probed or pinged.
         """
-        try:  # every checkout: a key lookup, no call
-            life: ConnectionLife | None = record.__dict__[_LIFE]
-        except KeyError:
-            life = None
+        try:  # every checkout: attribute reads, no call
+            notes: ConnectionNotes = record.notes
+        except AttributeError:  # a record made by hand, not by the pool: nothing noted yet
+            notes = notes_of(record)
         connection = record.dbapi_connection
-        if life is None or connection is None or life.generation != self.generation:
+        # not stamped (generation None), or made before the latest drain: the slow path
+        if connection is None or notes.generation != self.generation:
             if self.closed is not None:
                 raise self.closed
             if self.stale(record):
                 self._retire(record, "drain")
             return
         now = self.clock()
-        if now >= life.deadline:
+        if now >= notes.deadline:
             self._retire(record, "lifetime")
             return
-        if life.fresh:
+        if notes.fresh:
             return  # made for this very checkout: no probe, no ping (pool_pre_ping skips it too)
-        probe = life.probe
+        probe = notes.probe
         if probe is not None and (probe.closed() or probe.readable(0)):
             self._replace(record, "closed by the server, or it sent an error, while idle")
             return
         ping_after = self.ping_after
-        idle = now - life.last_used
+        idle = now - notes.last_used
         if ping_after is not None and idle > ping_after:
             if not _answers_ping(dialect, connection):
                 self._replace(record, f"no answer to a ping after {idle:.1f}s idle")
                 return
             demotion = self.demotion
             if demotion is not None and demotion.judge(
-                record.__dict__, dialect.get_driver_connection(connection), signal=False
+                notes, dialect.get_driver_connection(connection), signal=False
             ):
                 self.invalidate_pool()
                 self._replace(record, "its server turned read-only")
@@ -164,11 +147,11 @@ class Upkeep:
 
         The caller closes the connection for REPLACE and SHRINK (see the module docstring).
         """
-        try:  # every checkin: a key lookup, no call
-            life: ConnectionLife | None = record.__dict__[_LIFE]
-        except KeyError:
-            life = None
-        if life is None or record.dbapi_connection is None or life.generation != self.generation:
+        try:  # every checkin: attribute reads, no call
+            notes: ConnectionNotes = record.notes
+        except AttributeError:  # a record made by hand, not by the pool: nothing noted yet
+            notes = notes_of(record)
+        if record.dbapi_connection is None or notes.generation != self.generation:
             if not self.stale(record):
                 return KEEP
             self.counters.retire("drain")
@@ -179,13 +162,13 @@ class Upkeep:
         window = self.idle
         shrink = window is not None and window.retire_on_checkin(now, idle)
         reason: Retirement
-        if now >= life.deadline:
+        if now >= notes.deadline:
             reason = "lifetime"
         elif shrink:
             reason = "idle"
         else:
-            life.last_used = now
-            life.fresh = False
+            notes.last_used = now
+            notes.fresh = False
             return KEEP
         self.counters.retire(reason)
         if logger.isEnabledFor(logging.DEBUG):

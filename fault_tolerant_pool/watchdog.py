@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from .notes import notes_of
+
 _T = TypeVar("_T")
 
 logger = logging.getLogger("fault_tolerant_pool.liveness")
@@ -203,26 +205,23 @@ def cut_after(seconds: float, driver_connection: Any, what: str) -> Iterator[Non
         entry.cancel()
 
 
-#: The key in a pool record's ``__dict__`` of a connection whose last statement failed.
-SUSPECT = "fault_tolerant_pool.suspect"
-
-
-def suspect(state: dict[str, Any]) -> None:
-    """A statement failed on the connection of a pool record (``state`` is the record's
-    ``__dict__``): bound its next rollback."""
-    state[SUSPECT] = True
+def suspect(record: Any) -> None:
+    """A statement failed on the connection of a pool record: bound its next rollback (the
+    ``suspect`` mark in the record's notes)."""
+    notes_of(record).suspect = True
 
 
 def _rollback_when_suspect(
     rollback: Callable[[Any], None], bounded_rollback: Callable[[Any], None]
 ) -> Callable[[Any], None]:
     def do_rollback(dbapi_connection: Any) -> None:
-        # every checkin comes here: an attribute read and a key test, no call, on the happy path
+        # every checkin comes here: three attribute reads, no call, on the happy path
         try:
-            state = dbapi_connection._connection_record.__dict__  # SQLAlchemy's proxy
-        except Exception:  # a raw DBAPI connection, or a proxy detached from its record
-            state = None
-        if state is not None and SUSPECT in state and state.pop(SUSPECT, False):
+            notes = dbapi_connection._connection_record.notes  # SQLAlchemy's proxy
+        except Exception:  # a raw DBAPI connection, a proxy detached from its record, or a
+            notes = None  # record made by hand that never had a statement fail
+        if notes is not None and notes.suspect:
+            notes.suspect = False
             bounded_rollback(dbapi_connection)
         else:
             rollback(dbapi_connection)

@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..endpoint import Endpoint
+from ..notes import notes_of
 from .metrics import PoolGauges, _instruments_for
 from .names import (
     CHECKOUT_CONNECTED,
@@ -109,11 +110,6 @@ class Checkout:
 _current_checkout: ContextVar[Checkout | None] = ContextVar(
     "fault_tolerant_pool.checkout", default=None
 )
-
-
-#: Where a measured checkout leaves its end time, in the connection record's ``__dict__``: the
-#: checkin reads it back for ``db.client.connection.use_time``.
-_CHECKED_OUT_AT = "_fault_tolerant_pool_checked_out_at"
 
 
 # -- the telemetry of one pool (and of every pool it is recreated as) -----------------------------
@@ -265,8 +261,11 @@ class PoolTelemetry:
             instruments = self._instruments
             instruments.deferred.record(instruments.wait_time, waited, self.attributes)
             record = connection._connection_record
-            if record is not None:
-                record.__dict__[_CHECKED_OUT_AT] = now
+            if record is not None:  # the checkin reads it back for the use time
+                try:
+                    record.notes.checked_out_at = now
+                except AttributeError:  # a record made by hand, not by the pool
+                    notes_of(record).checked_out_at = now
         if checkout.span is not None or (
             checkout.waits
             and waited >= CHECKOUT_SPAN_MIN_WAIT
@@ -286,8 +285,13 @@ class PoolTelemetry:
     def checked_in(self, record: Any) -> None:
         """A connection came back to the pool: record how long the caller held it (a no-op for
         a checkout that was not measured)."""
-        started = record.__dict__.pop(_CHECKED_OUT_AT, None)
+        try:
+            notes = record.notes
+        except AttributeError:  # a record made by hand, not by the pool: never measured
+            return
+        started = notes.checked_out_at
         if started is not None:
+            notes.checked_out_at = None
             instruments = self._instruments
             instruments.deferred.record(
                 instruments.use_time, time.perf_counter() - started, self.attributes

@@ -27,6 +27,7 @@ from fault_tolerant_pool.credentials import (
     coerce_provider,
 )
 from fault_tolerant_pool.errors import ConnectRetriesExhausted, CredentialsError
+from fault_tolerant_pool.notes import ConnectionNotes
 from fault_tolerant_pool.policy import RetryPolicy
 from fault_tolerant_pool.stats import ConnectCounters
 
@@ -355,7 +356,10 @@ def auth_failure() -> Exception:
 
 
 class Record:
-    """Stands for SQLAlchemy's connection record (it has a ``__dict__``)."""
+    """Stands for the pool's connection record (the offer goes into its notes)."""
+
+    def __init__(self) -> None:
+        self.notes = ConnectionNotes()
 
 
 class Server:

@@ -16,7 +16,6 @@ from fault_tolerant_pool import timeouts, watchdog
 from fault_tolerant_pool.classify import classify, not_matching
 from fault_tolerant_pool.connector import RetryingConnector
 from fault_tolerant_pool.demotion import (
-    CONNECTED_READ_ONLY,
     DemotionWatch,
     ReadOnlyRoute,
     demoted,
@@ -34,6 +33,7 @@ from fault_tolerant_pool.hosts import (
     narrow,
     wants_writer,
 )
+from fault_tolerant_pool.notes import ConnectionNotes
 from fault_tolerant_pool.policy import RetryPolicy
 from fault_tolerant_pool.probe import Gate
 from fault_tolerant_pool.stats import ConnectCounters
@@ -183,9 +183,7 @@ def test_the_connector_walks_the_hosts_without_backoff_and_names_them_when_it_gi
 def test_the_demotion_table(
     connected: bool | None, now: bool | None, signal: bool, writer: bool, had: bool, verdict: bool
 ) -> None:
-    assert (
-        demoted(connected, now, signal=signal, wants_writer=writer, had_writer=had) is verdict
-    )
+    assert demoted(connected, now, signal=signal, wants_writer=writer, had_writer=had) is verdict
 
 
 class PsycopgConnection(types.SimpleNamespace):
@@ -245,10 +243,9 @@ def context_for(error: BaseException, record: Any, driver: Any) -> Any:
 def test_the_watch_turns_a_demoted_writers_error_into_a_disconnect() -> None:
     seen: list[int] = []
     watch = DemotionWatch(False, lambda: seen.append(1))
-    record = types.SimpleNamespace()  # a pool record: the watch keeps its notes in __dict__
-    info = record.__dict__
-    watch.connected(info, psycopg_like(default_transaction_read_only="off"))
-    assert info[CONNECTED_READ_ONLY] is False and watch.had_writer
+    record = types.SimpleNamespace()  # a record made by hand: given notes at its connect
+    watch.connected(record, psycopg_like(default_transaction_read_only="off"))
+    assert record.notes.connected_read_only is False and watch.had_writer
     error = ServerError("cannot execute INSERT in a read-only transaction", "25006")
     own = context_for(error, record, psycopg_like(default_transaction_read_only="off"))
     watch.handle_error(own)
@@ -265,7 +262,9 @@ def test_the_watch_vets_a_new_connection_to_a_read_only_server_in_a_pool_that_ha
     watch = DemotionWatch(False, lambda: None)
     standby = make(in_hot_standby="on", default_transaction_read_only="off")
     watch.vet(standby)  # a pool for a replica: never had a writer, nothing to refuse
-    watch.connected({}, make(in_hot_standby="off", default_transaction_read_only="off"))
+    watch.connected(
+        types.SimpleNamespace(), make(in_hot_standby="off", default_transaction_read_only="off")
+    )
     with pytest.raises(ReadOnlyRoute) as info:
         watch.vet(standby)
     assert isinstance(info.value, ConnectionError)  # transient for the retry loop
@@ -281,12 +280,15 @@ def test_a_readers_watch_neither_refuses_nor_demotes_a_standby(make: Any) -> Non
     seen: list[int] = []
     watch = DemotionWatch(False, lambda: seen.append(1))
     watch.serves_reads = True
-    info: dict[str, Any] = {}
-    watch.connected(info, make(in_hot_standby="off", default_transaction_read_only="off"))
+    notes = ConnectionNotes()
+    watch.connected(
+        types.SimpleNamespace(notes=notes),
+        make(in_hot_standby="off", default_transaction_read_only="off"),
+    )
     assert watch.had_writer
     standby = make(in_hot_standby="on", default_transaction_read_only="on")
     watch.vet(standby)  # no ReadOnlyRoute
-    assert watch.judge(info, standby) is False and seen == []
+    assert watch.judge(notes, standby) is False and seen == []
 
 
 def test_the_connector_retries_a_vetted_connection_and_closes_it() -> None:

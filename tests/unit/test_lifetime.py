@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import pytest
@@ -10,8 +11,9 @@ from sqlalchemy.exc import ArgumentError
 
 from fault_tolerant_pool.lifetime import IdleWindow, LifetimePolicy
 from fault_tolerant_pool.liveness import LivenessPolicy
+from fault_tolerant_pool.notes import ConnectionNotes
 from fault_tolerant_pool.stats import ConnectCounters
-from fault_tolerant_pool.upkeep import KEEP, REPLACE, SHRINK, Upkeep, life_of
+from fault_tolerant_pool.upkeep import KEEP, REPLACE, SHRINK, Upkeep
 
 # -- settings -------------------------------------------------------------------------------------
 
@@ -148,9 +150,10 @@ class Clock:
 
 
 class Record:
-    """Stands for SQLAlchemy's connection record."""
+    """Stands for the pool's connection record (``SetUpRetriedRecord``): notes from the start."""
 
     def __init__(self) -> None:
+        self.notes = ConnectionNotes()
         self.dbapi_connection: Any = object()
         self.closed = 0
         self.invalidated: list[BaseException | None] = []
@@ -214,10 +217,8 @@ def upkeep(
 def connected(keeper: Upkeep, probe: Probe | None = None) -> Record:
     record = Record()
     keeper.connected(record, object())
-    life = life_of(record)
-    assert life is not None
-    life.probe = probe
-    life.fresh = False  # as if lent once and returned (tests of fresh connections set it)
+    record.notes.probe = probe
+    record.notes.fresh = False  # as if lent once and returned (tests of fresh connections set it)
     return record
 
 
@@ -226,7 +227,7 @@ def test_ten_connections_made_together_get_spread_deadlines() -> None:
     draws = [i / 10 for i in range(10)]
     keeper, counters = upkeep(clock, draws, max_lifetime=2.0, lifetime_jitter=0.5)
     records = [connected(keeper) for _ in range(10)]
-    deadlines = sorted(life.deadline for r in records if (life := life_of(r)) is not None)
+    deadlines = sorted(r.notes.deadline for r in records)
     assert deadlines[0] == pytest.approx(501.1) and deadlines[-1] == pytest.approx(502.0)
     retired_at = []
     for step in range(1, 25):
@@ -319,14 +320,13 @@ def test_a_connection_made_for_this_checkout_is_not_checked() -> None:
     keeper, _ = upkeep(clock, ping_after=0.0)
     dialect, probe = Dialect(), Probe()
     record = connected(keeper, probe)
-    life = life_of(record)
-    assert life is not None
-    life.fresh = True  # just made: the checkout that made it lends it
+    notes = record.notes
+    notes.fresh = True  # just made: the checkout that made it lends it
     clock.now += 0.5
     keeper.checkout(record, dialect)
     assert dialect.pings == 0 and probe.looks == 0
     keeper.checkin(record, 0)  # returned: from now on every checkout pings (ping_after=0)
-    assert not life.fresh
+    assert not notes.fresh
     clock.now += 0.001
     keeper.checkout(record, dialect)
     assert dialect.pings == 1 and probe.looks == 1 and record.invalidated == []
@@ -370,6 +370,9 @@ def test_records_without_a_connection_are_left_alone() -> None:
     clock.now += 5
     keeper.checkout(record, Dialect())
     assert keeper.checkin(record, 0) == KEEP and record.closed == 0
-    bare = Record()  # made before this pool existed, or by hand
+    bare = Record()  # made before the upkeep existed: not stamped
     keeper.checkout(bare, Dialect())
     assert keeper.checkin(bare, 0) == KEEP
+    by_hand = types.SimpleNamespace(dbapi_connection=object())  # SQLAlchemy's, made by hand
+    keeper.checkout(by_hand, Dialect())
+    assert keeper.checkin(by_hand, 0) == KEEP and by_hand.notes.generation is None

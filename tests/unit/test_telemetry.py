@@ -19,6 +19,7 @@ from fault_tolerant_pool import FaultTolerantNullPool, FaultTolerantQueuePool
 from fault_tolerant_pool.connector import RetryingConnector
 from fault_tolerant_pool.endpoint import Endpoint, endpoint_of
 from fault_tolerant_pool.errors import ConnectRetriesExhausted
+from fault_tolerant_pool.notes import ConnectionNotes
 from fault_tolerant_pool.policy import RetryPolicy
 from fault_tolerant_pool.stats import ConnectCounters
 from fault_tolerant_pool.telemetry import (
@@ -388,7 +389,10 @@ def test_checkouts_are_measured_only_once_a_provider_listens() -> None:
 
 
 class _Record:
-    """Stands in for SQLAlchemy's connection record (the telemetry only uses its __dict__)."""
+    """Stands in for the pool's connection record (the telemetry only uses its notes)."""
+
+    def __init__(self) -> None:
+        self.notes = ConnectionNotes()
 
 
 class _Proxied:
@@ -400,8 +404,6 @@ def _checkout_and_checkin(telemetry: PoolTelemetry) -> None:
     connection = _Proxied()
     telemetry.checked_out(telemetry.checkout_started(waits=False), connection)
     telemetry.checked_in(connection._connection_record)
-
-
 
 
 def test_histogram_values_are_queued_then_recorded_in_a_batch() -> None:
