@@ -28,7 +28,7 @@ from .policy import Backoff, RetryPolicy
 from .probe import Admission, Gate
 from .stats import ConnectCounters
 from .telemetry import UNTRACED, ConnectTrace, PoolTelemetry, Untraced, disabled
-from .timeouts import AttemptTimer, release_frames, retire
+from .timeouts import AttemptTimer, attempt_limit, publish, release_frames, retire
 
 logger = logging.getLogger("fault_tolerant_pool.retry")
 
@@ -60,6 +60,31 @@ def _at_once() -> float:
     return 0.0
 
 
+class _Retry:
+    """One connect inside the retry loop: its backoff and its attempts' timer, its round of
+    hosts, and what a failure of the attempt in progress needs to know. Made only once a connect
+    needs the loop (its first attempt failed, the gate held it back, or several hosts)."""
+
+    __slots__ = ("admitted", "backoff", "held", "hosts", "refreshed", "secret", "started", "timer")
+
+    def __init__(
+        self,
+        backoff: Backoff,
+        timer: AttemptTimer,
+        hosts: Round | None,
+        started: float = 0.0,
+        secret: Secret | None = None,
+    ) -> None:
+        self.backoff = backoff
+        self.timer = timer
+        self.hosts = hosts
+        self.started = started  # when the attempt in progress (or the failed first one) began
+        self.admitted = started  # when the gate let it (or its round of hosts) go
+        self.secret = secret  # the secret offered to it (credentials)
+        self.refreshed = False  # a refused secret was dropped and asked for again
+        self.held = False  # held at the gate while another caller probed
+
+
 class RetryingConnector:
     """Calls the pool's creator until it succeeds, the attempts run out or the deadline passes.
 
@@ -74,6 +99,15 @@ class RetryingConnector:
     With a ``gate`` (:mod:`fault_tolerant_pool.probe`), every attempt is admitted by it: while
     connects fail it paces one attempt at a time for the whole pool (its wait replaces this
     loop's own backoff sleep), and it refuses at once while the pool fails fast.
+
+    Behind ``NullPool`` every checkout is a connect, so the path of a connect whose first attempt
+    succeeds is kept to the steps the settings switched on, in order: the gate lets it through
+    (one lock), the attempt's time limit is published, the creator runs, the connection is
+    pinged only while in doubt, the gate and the counters hear of it. The collaborators are
+    fixed when the connector is made; one that is off costs one truth test, and the first
+    attempt allocates only its timer. The retry loop (:meth:`_retry`), with its backoff, its
+    logging and its per-connect state, is entered only once an attempt failed, the gate holds
+    the caller back, or the URL names several hosts (whose rounds are the loop's).
     """
 
     def __init__(
@@ -123,6 +157,8 @@ class RetryingConnector:
         self.vet = vet
         """Raises when a new connection must not be handed out (then it is closed, and the
         error is classified like a failed attempt)."""
+        self._first_limit = (policy, attempt_limit(policy.attempt_timeout, policy.deadline))
+        """The pool's policy and the time limit of a connect's first attempt under it."""
 
     def __call__(self, record: Any) -> Any:
         telemetry = self.telemetry
@@ -132,23 +168,61 @@ class RetryingConnector:
             return self._connect(record, trace)
 
     def _connect(self, record: Any, trace: ConnectTrace | Untraced) -> Any:
+        """The first attempt, straight through; the retry loop only when it cannot go at once
+        or has failed."""
         policy = caller_deadline.policy_for(self.policy)  # a read router's shorter deadline
-        backoff = Backoff(policy, self.clock())
-        timer = AttemptTimer(policy.attempt_timeout)
-        credentials = self.credentials
-        refreshed = False
+        started = self.clock()
         gate = self.gate
-        hosts = self.hosts.round() if self.hosts is not None else None
-        held = False  # held at the gate while another caller probed
-        admitted = 0.0  # when the gate let the current attempt (or round of hosts) go
+        if self.hosts is not None or (gate is not None and not gate.enter_now()):
+            # several hosts, or the gate holds this caller back (or refuses it): the loop admits
+            timer = AttemptTimer(policy.attempt_timeout)
+            hosts = self.hosts.round() if self.hosts is not None else None
+            return self._retry(record, trace, _Retry(Backoff(policy, started), timer, hosts))
+        pool_policy, limit = self._first_limit
+        if policy is not pool_policy:
+            limit = attempt_limit(policy.attempt_timeout, policy.deadline)
+        timer = AttemptTimer(policy.attempt_timeout, started, limit)
+        credentials = self.credentials
+        secret: Secret | None = None
+        try:
+            if credentials is not None:
+                elapsed = self.clock() - started
+                secret = credentials.get(in_loop=self.in_loop(), timeout=policy.deadline - elapsed)
+            connection = self._attempt(record, timer, secret)
+        except Exception as error:
+            failed = error  # handled by the loop, once out of this handler
+        except BaseException:
+            if gate is not None:
+                gate.abandoned()  # cancelled: the probe passes to another caller
+            raise
+        else:
+            return self._connected(record, connection, trace, started, started)
+        state = _Retry(Backoff(policy, started), timer, None, started, secret)
+        return self._retry(record, trace, state, failed)
+
+    def _retry(
+        self,
+        record: Any,
+        trace: ConnectTrace | Untraced,
+        state: _Retry,
+        failed: Exception | None = None,
+    ) -> Any:
+        """The retry loop: handle the failed attempt (if any), back off, admit and make the next
+        attempt, until one succeeds or the connect gives up (raised by :meth:`_failed`)."""
+        backoff, timer, hosts = state.backoff, state.timer, state.hosts
+        credentials = self.credentials
+        gate = self.gate
         while True:
-            secret: Secret | None = None
+            if failed is not None:
+                self._failed(failed, state, trace)  # raises when the connect gives up
+                failed = None
+            state.secret = None
             if gate is not None and (hosts is None or not hosts.position):
                 entered = self.clock()
                 self._admit(gate, backoff)  # once a round: the gate sees rounds, not hosts
-                admitted = self.clock()
-                held = held or admitted - entered > GATE_HELD
-            started = self.clock()
+                state.admitted = admitted = self.clock()
+                state.held = state.held or admitted - entered > GATE_HELD
+            state.started = started = self.clock()
             if hosts is None:
                 timer.begin(started, backoff.remaining(started))
             else:  # a multi-host URL: one host per try, each with its own limit
@@ -156,92 +230,116 @@ class RetryingConnector:
                 timer.begin(started, backoff.remaining(started), hosts.most())
             try:
                 if credentials is not None:
-                    secret = credentials.get(
+                    state.secret = credentials.get(
                         in_loop=self.in_loop(), timeout=backoff.remaining(self.clock())
                     )
-                    offer(record, secret)
-                connection = self._attempt(record, timer)
-                if credentials is not None and withdraw(record) is not None:
-                    self._discard(connection)
-                    raise _not_applied(credentials)
-            except Exception as error:  # BaseException (cancellation) propagates untouched
-                verdict = classify_with(self.classifier, error)
-                self.counters.attempt_failed(innermost_class(error), verdict.sqlstate)
-                if self.doubt is not None:
-                    self.doubt.raised()
-                now = self.clock()
-                if (
-                    hosts is not None
-                    and verdict.transient
-                    and backoff.remaining(now) > 0
-                    and hosts.failed(NOT_WRITABLE if not_matching(error) else verdict.error_type)
-                ):
-                    # another host of this round is left: try it now, no backoff
-                    trace.attempt_failed(
-                        error, verdict, duration=now - started, backoff=0.0,
-                        secrets=self.secrets(),
-                    )  # fmt: skip
-                    self._log_attempt(error, verdict, backoff.failures + 1, 0.0, None, hosts)
-                    continue
-                # A server that answered but is the wrong kind (a route still leading to a
-                # replica) was reached: no outage for the gate, only this loop's own backoff.
-                reached = not verdict.transient or isinstance(error, ReadOnlyRoute)
-                if gate is not None:
-                    gate.finished(now, None if reached else error, backoff.started, admitted)
-                refresh: str | None = None
-                if verdict.transient:
-                    delay = backoff.next_delay(now, self.random)
-                    if delay is not None and not timer.worth_another(
-                        now, backoff.remaining(now + delay)
-                    ):
-                        delay = None  # black-holed, and the driver could not end by the deadline
-                elif (
-                    credentials is not None
-                    and secret is not None
-                    and not refreshed
-                    and verdict.sqlstate in AUTH_FAILURE_SQLSTATES
-                ):
-                    refreshed = True
-                    refresh = credentials.name
-                    credentials.refused(secret)  # counted, and told to the telemetry
-                    delay = backoff.next_delay(now, _at_once)
-                else:
-                    backoff.stop()
-                    delay = None
-                trace.attempt_failed(
-                    error, verdict, duration=now - started, backoff=delay,
-                    secrets=self.secrets(),
-                )  # fmt: skip
-                if delay is None:
-                    trace.gave_up(verdict, error)
-                    failure = self._give_up(error, verdict, backoff, now, hosts)
-                    if failure is error:
-                        raise
-                    raise failure from error
-                self._log_attempt(error, verdict, backoff.failures, delay, refresh, hosts)
-                if delay > 0 and (gate is None or reached):
-                    self.sleep(delay)  # with a gate, its wait for the next probe is the backoff
+                connection = self._attempt(record, timer, state.secret)
+            except Exception as error:
+                failed = error
             except BaseException:
                 if gate is not None:
                     gate.abandoned()  # cancelled: the probe passes to another caller
                 raise
             else:
-                if gate is not None:
-                    gate.finished(self.clock(), None, backoff.started, admitted)
-                if record is not None and (backoff.failures or held):
-                    # SQLAlchemy stamped the record when the connect began; after retries, or a
-                    # wait at the gate for another caller's probe, that is too early: an
-                    # invalidation of the pool during the outage would make the next checkout
-                    # throw this brand-new connection away (an extra login), and pool_recycle
-                    # would count the outage as the connection's age.
-                    record.starttime = time.time()
-                if hosts is not None:
-                    hosts.connected()
-                self.counters.connected()
-                trace.connected(backoff.elapsed(self.clock()))
-                if self.on_connect is not None:
-                    self.on_connect(record, connection)
-                return connection
+                # SQLAlchemy stamped the record when the connect began; after retries, or a
+                # wait at the gate for another caller's probe, that is too early (see
+                # _connected)
+                stamp = bool(backoff.failures) or state.held
+                return self._connected(
+                    record, connection, trace, backoff.started, state.admitted, stamp, hosts
+                )
+
+    def _failed(self, error: Exception, state: _Retry, trace: ConnectTrace | Untraced) -> None:
+        """A failed attempt: counted, classified, told to the doubt, the gate and the trace.
+        Returns when another attempt is to be made (after this loop's own backoff sleep, if
+        any); raises what the caller sees when the connect gives up."""
+        verdict = classify_with(self.classifier, error)
+        self.counters.attempt_failed(innermost_class(error), verdict.sqlstate)
+        if self.doubt is not None:
+            self.doubt.raised()
+        backoff, hosts, gate = state.backoff, state.hosts, self.gate
+        now = self.clock()
+        if (
+            hosts is not None
+            and verdict.transient
+            and backoff.remaining(now) > 0
+            and hosts.failed(NOT_WRITABLE if not_matching(error) else verdict.error_type)
+        ):
+            # another host of this round is left: try it now, no backoff
+            trace.attempt_failed(
+                error, verdict, duration=now - state.started, backoff=0.0, secrets=self.secrets()
+            )
+            self._log_attempt(error, verdict, backoff.failures + 1, 0.0, None, hosts)
+            return
+        # A server that answered but is the wrong kind (a route still leading to a replica)
+        # was reached: no outage for the gate, only this loop's own backoff.
+        reached = not verdict.transient or isinstance(error, ReadOnlyRoute)
+        if gate is not None:
+            gate.finished(now, None if reached else error, backoff.started, state.admitted)
+        credentials = self.credentials
+        refresh: str | None = None
+        if verdict.transient:
+            delay = backoff.next_delay(now, self.random)
+            if delay is not None and not state.timer.worth_another(
+                now, backoff.remaining(now + delay)
+            ):
+                delay = None  # black-holed, and the driver could not end by the deadline
+        elif (
+            credentials is not None
+            and state.secret is not None
+            and not state.refreshed
+            and verdict.sqlstate in AUTH_FAILURE_SQLSTATES
+        ):
+            state.refreshed = True
+            refresh = credentials.name
+            credentials.refused(state.secret)  # counted, and told to the telemetry
+            delay = backoff.next_delay(now, _at_once)
+        else:
+            backoff.stop()
+            delay = None
+        trace.attempt_failed(
+            error, verdict, duration=now - state.started, backoff=delay, secrets=self.secrets()
+        )
+        if delay is None:
+            trace.gave_up(verdict, error)
+            failure = self._give_up(error, verdict, backoff, now, hosts)
+            if failure is error:
+                raise error
+            raise failure from error
+        self._log_attempt(error, verdict, backoff.failures, delay, refresh, hosts)
+        if delay > 0 and (gate is None or reached):
+            self.sleep(delay)  # with a gate, its wait for the next probe is the backoff
+
+    def _connected(
+        self,
+        record: Any,
+        connection: Any,
+        trace: ConnectTrace | Untraced,
+        started: float,
+        admitted: float,
+        stamp: bool = False,
+        hosts: Round | None = None,
+    ) -> Any:
+        """The connect succeeded (``started``: when its first attempt began): told to the gate,
+        the counters and the trace; the record stamped if asked; ``on_connect`` run."""
+        now = self.clock()
+        gate = self.gate
+        if gate is not None:
+            gate.finished(now, None, started, admitted)
+        if stamp and record is not None:
+            # After retries, or a wait at the gate for another caller's probe, SQLAlchemy's
+            # stamp is too early: an invalidation of the pool during the outage would make the
+            # next checkout throw this brand-new connection away (an extra login), and
+            # pool_recycle would count the outage as the connection's age.
+            record.starttime = time.time()
+        if hosts is not None:
+            hosts.connected()
+        self.counters.connected()
+        if trace is not UNTRACED:
+            trace.connected(now - started)
+        if self.on_connect is not None:
+            self.on_connect(record, connection)
+        return connection
 
     def _admit(self, gate: Gate, backoff: Backoff) -> None:
         """Wait for the gate's leave to attempt; raise what the caller sees when it refuses."""
@@ -267,29 +365,32 @@ class RetryingConnector:
         failure = self._give_up(last, verdict, backoff, now)  # waited its whole deadline
         raise failure from (None if failure is last else last)
 
-    def _attempt(self, record: Any, timer: AttemptTimer) -> Any:
-        """One call of the creator, with the attempt's time limit published to the listener,
-        and, with ``ping``, one round trip on the new connection before it counts."""
-        token = timer.publish()
+    def _attempt(self, record: Any, timer: AttemptTimer, secret: Secret | None) -> Any:
+        """One login: the secret offered (with ``credentials``), the creator called with the
+        attempt's time limit published to the listener, then the checks switched on (a ping,
+        always or while in doubt; the vetting of the server) before it counts."""
+        if secret is not None:
+            offer(record, secret)
+        token = publish(timer)
         try:
             connection = self.creator(record)
-            if self.ping is not None:
+            ping = self.ping
+            if ping is not None:
                 doubt = self.doubt
                 if doubt is None or (doubt.until and doubt.active()):
-                    self._ping(connection)
+                    self._check(ping, connection)
             if self.vet is not None:
                 self._check(self.vet, connection)
-            return connection
         except BaseException as error:  # cancelled too: what the attempt opened must close now
             release_frames(error)
             raise
         finally:
             retire(token)
-
-    def _ping(self, connection: Any) -> None:
-        """Ping a new connection; if that fails (or is cancelled), close it and re-raise."""
-        assert self.ping is not None
-        self._check(self.ping, connection)
+        if secret is not None and withdraw(record) is not None:
+            self._discard(connection)
+            assert self.credentials is not None  # a secret comes from the credentials
+            raise _not_applied(self.credentials)
+        return connection
 
     def _check(self, check: Callable[[Any], object], connection: Any) -> None:
         """Run ``check`` on a new connection; if it raises (or is cancelled), close the

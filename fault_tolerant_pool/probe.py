@@ -305,6 +305,20 @@ class Gate:
                     if waiter.woken:
                         self._wake_free()  # hand on what this caller was woken for
 
+    def enter_now(self) -> bool:
+        """:meth:`enter` for a caller that is let through without waiting: True (``GO``, to be
+        reported like any other) while the pool is healthy and below its limit; False changes
+        nothing (then :meth:`enter` decides). The connect path's first call: one lock, no
+        waiter, no deadline."""
+        with self._lock:
+            if self._state == "healthy":
+                cap = self.schedule.healthy_concurrency
+                if cap is None or self._in_flight < cap:
+                    self._in_flight += 1
+                    self._last_go = self.clock()
+                    return True
+        return False
+
     def finished(
         self,
         now: float,
@@ -321,6 +335,9 @@ class Gate:
             if error is None:
                 if attempt_started is not None:
                     self.logins.observe(now - attempt_started)
+                if self._state == "healthy" and not self._waiters:
+                    self._reached_at = now  # all that _reached() would do: nobody to wake
+                    return
                 self._reached(now)
             elif attempt_started is not None and attempt_started < self._reached_at:
                 self._wake_free()  # stale: the server was reached after this attempt began

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import event
 
@@ -132,34 +132,156 @@ def connect_timeout_for(dialect: Any) -> ConnectTimeout | None:
     )
 
 
-def _psycopg_async_connect() -> Callable[..., Any]:
-    import psycopg
+_psycopg_connect: Callable[..., Any] | None = None
 
-    connect: Callable[..., Any] = psycopg.AsyncConnection.connect
-    return connect
+
+def _psycopg_async_connect() -> Callable[..., Any]:
+    global _psycopg_connect
+    if _psycopg_connect is None:  # imported once, not on every attempt
+        import psycopg
+
+        _psycopg_connect = psycopg.AsyncConnection.connect
+    return _psycopg_connect
+
+
+class _Task(Protocol):
+    """What a deadline uses of its task (an ``asyncio.Task`` of Python 3.11+)."""
+
+    def cancel(self) -> bool: ...
+
+    def cancelling(self) -> int: ...
+
+    def uncancel(self) -> int: ...
+
+
+class _Deadline:
+    """The time limit of one attempt in flight, in its task (see :class:`_Deadlines`)."""
+
+    __slots__ = ("at", "cancelling", "expired", "task")
+
+    def __init__(self, task: _Task, at: float) -> None:
+        self.task = task
+        self.at = at
+        self.cancelling = task.cancelling()  # cancellations requested before the attempt
+        self.expired = False
+
+
+class _Deadlines:
+    """The time limits of the attempts in flight on one event loop, kept by one timer armed for
+    the earliest of them: an attempt costs a dict entry. (``asyncio.timeout`` schedules and
+    cancels a timer of its own per attempt, and the loop pops every cancelled one off its heap:
+    behind ``NullPool``, where every checkout connects, that showed in the throughput.)
+
+    The rules are ``asyncio.timeout``'s: at its deadline the attempt's task is cancelled; the
+    attempt timed out when that cancellation ends it and no other one was requested meanwhile.
+    Used from its loop's thread only.
+    """
+
+    __slots__ = ("armed", "attempts", "handle", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.attempts: dict[_Deadline, None] = {}
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed = math.inf  # when the timer fires (inf: not armed)
+
+    def enter(self, task: _Task, seconds: float) -> _Deadline:
+        deadline = _Deadline(task, self.loop.time() + seconds)
+        self.attempts[deadline] = None
+        if deadline.at < self.armed:
+            self._arm(deadline.at)
+        return deadline
+
+    def leave(self, deadline: _Deadline) -> bool:
+        """The attempt ended: True when it timed out (its deadline cancelled its task, and that
+        is the only cancellation pending, which is taken back here)."""
+        if not deadline.expired:
+            del self.attempts[deadline]
+            return False
+        return deadline.task.uncancel() <= deadline.cancelling
+
+    def _arm(self, at: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.armed = at
+        self.handle = self.loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        due = max(self.armed, self.loop.time())  # the loop may run a timer a tick early
+        self.handle = None
+        self.armed = math.inf
+        attempts = self.attempts
+        for deadline in [d for d in attempts if d.at <= due]:
+            del attempts[deadline]
+            deadline.expired = True
+            deadline.task.cancel()
+        if attempts:  # the next one (an attempt that ended early left its entry already)
+            self._arm(min(d.at for d in attempts))
+
+
+_deadlines: _Deadlines | None = None  # the running loop's, most likely
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    """The watch of ``loop``'s attempts (a new one when the last one used was another loop's:
+    attempts keep the watch they entered, so a swap costs a timer, never a deadline)."""
+    global _deadlines
+    deadlines = _deadlines
+    if deadlines is None or deadlines.loop is not loop:
+        deadlines = _deadlines = _Deadlines(loop)
+    return deadlines
 
 
 def _bounded(connect: Callable[..., Any], seconds: float) -> Callable[..., Any]:
     """An async creator that gives up after ``seconds`` (raising ``TimeoutError``).
 
-    The connect runs in the caller's task under ``asyncio.timeout`` (Python 3.11+):
-    ``asyncio.wait_for`` runs it in a task of its own and, cancelled at the moment that task
-    finishes, drops the new connection unclosed. Python 3.10 has only ``wait_for``.
+    The connect runs in the caller's task, under the loop's :class:`_Deadlines` (Python 3.11+,
+    ``asyncio.timeout``'s rules with one timer for all attempts): ``asyncio.wait_for`` runs it
+    in a task of its own and, cancelled at the moment that task finishes, drops the new
+    connection unclosed. Python 3.10 has only ``wait_for`` (also used outside a task).
     """
+    if sys.version_info < (3, 11):
+        return _waited(connect, seconds)
+
+    async def creator(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        if task is None:
+            return await _waited(connect, seconds)(*args, **kwargs)
+        loop = task.get_loop()
+        deadlines = _deadlines
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = _deadlines_of(loop)
+        deadline = deadlines.enter(task, seconds)
+        try:
+            connection = await connect(*args, **kwargs)
+        except BaseException as error:
+            if deadlines.leave(deadline) and isinstance(error, asyncio.CancelledError):
+                release_frames(error)  # the driver's CancelledError
+                raise _timed_out(seconds) from None
+            raise
+        deadlines.leave(deadline)
+        return connection
+
+    return creator
+
+
+def _waited(connect: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """:func:`_bounded` with ``asyncio.wait_for`` (its own task)."""
 
     async def creator(*args: Any, **kwargs: Any) -> Any:
         try:
-            if sys.version_info >= (3, 11):
-                async with asyncio.timeout(seconds):
-                    return await connect(*args, **kwargs)
             return await asyncio.wait_for(connect(*args, **kwargs), seconds)
         except asyncio.TimeoutError as timeout:
             release_frames(timeout)
             if timeout.__context__ is not None:  # the driver's CancelledError
                 release_frames(timeout.__context__)
-            raise TimeoutError(f"connect attempt timed out after {seconds:.3g}s") from None
+            raise _timed_out(seconds) from None
 
     return creator
+
+
+def _timed_out(seconds: float) -> TimeoutError:
+    return TimeoutError(f"connect attempt timed out after {seconds:.3g}s")
 
 
 def release_frames(error: BaseException) -> None:
@@ -173,15 +295,22 @@ def release_frames(error: BaseException) -> None:
     traceback.clear_frames(error.__traceback__)
 
 
+_last_rule: tuple[Any, ConnectTimeout | None] = (None, None)  # a dialect and its row
+
+
 def _inject(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
     """``do_connect`` listener: give this attempt the driver's connect timeout."""
+    global _last_rule
     timer = _current.get()
     if timer is not None:
         if timer.host is not None:
             narrow(cparams, timer.host)
         if timer.cap is None:
             return  # retry_attempt_timeout=None: tell the driver nothing
-        rule = connect_timeout_for(dialect)
+        last, rule = _last_rule
+        if last is not dialect:  # looked up once per dialect in a row, not per attempt
+            rule = connect_timeout_for(dialect)
+            _last_rule = (dialect, rule)
         if rule is not None:
             timer.told(rule, rule.apply(cparams, timer.limit))
 
@@ -194,29 +323,36 @@ def install(dialect: Any) -> None:
         event.listen(dialect, "do_connect", _inject)
 
 
+def attempt_limit(cap: float | None, remaining: float) -> float:
+    """The time limit of an attempt that starts ``remaining`` seconds before the deadline, with
+    ``retry_attempt_timeout`` ``cap`` (None: only the deadline bounds it)."""
+    limit = remaining if cap is None else min(cap, remaining)
+    return max(limit, MIN_ATTEMPT_TIMEOUT)
+
+
 class AttemptTimer:
     """The time limits of one connect's attempts; pure, given clock readings.
 
     ``cap`` is ``retry_attempt_timeout`` (None: the driver is told nothing). While an attempt
     runs, the timer is published in a context variable; the ``do_connect`` listener reads the
-    limit and tells the timer what the driver was told (:meth:`told`).
+    limit and tells the timer what the driver was told (:meth:`told`). Made with ``started``
+    and ``limit``, it is already begun (a connect's first attempt: no :meth:`begin` call).
     """
 
     __slots__ = ("cap", "host", "limit", "rule", "started", "waits")
 
-    def __init__(self, cap: float | None) -> None:
+    def __init__(self, cap: float | None, started: float = 0.0, limit: float = 0.0) -> None:
         self.cap = cap
         self.host: Host | None = None
         """The one host of a multi-host URL this attempt goes to (see :mod:`.hosts`)."""
-        self.started = 0.0
-        self.limit = 0.0
+        self.started = started
+        self.limit = limit
         self.rule: ConnectTimeout | None = None
         self.waits: float | None = None  # what the driver was told to wait in this attempt
 
     def limit_for(self, remaining: float) -> float:
         """The limit of an attempt that starts with ``remaining`` seconds before the deadline."""
-        limit = remaining if self.cap is None else min(self.cap, remaining)
-        return max(limit, MIN_ATTEMPT_TIMEOUT)
+        return attempt_limit(self.cap, remaining)
 
     def begin(self, now: float, remaining: float, most: float | None = None) -> float:
         """An attempt starts now (taking at most ``most`` seconds, if given); returns its limit."""
@@ -233,7 +369,7 @@ class AttemptTimer:
 
     def publish(self) -> Token[AttemptTimer | None]:
         """Make this timer the one the ``do_connect`` listener sees (undo with :func:`retire`)."""
-        return _current.set(self)
+        return publish(self)
 
     def worth_another(self, now: float, remaining_then: float) -> bool:
         """Whether to make another attempt, ``remaining_then`` seconds before the deadline.
@@ -251,6 +387,8 @@ class AttemptTimer:
         return rule.bound(min(waits, self.limit_for(remaining_then))) <= remaining_then
 
 
-def retire(token: Token[AttemptTimer | None]) -> None:
-    """Undo :meth:`AttemptTimer.publish`."""
-    _current.reset(token)
+#: ``publish(timer)`` makes ``timer`` the one the ``do_connect`` listener sees and returns the
+#: token that ``retire(token)`` takes to undo it. They are the context variable's own methods:
+#: every connect calls both, and a function around them would add two Python calls to it.
+publish: Callable[[AttemptTimer | None], Token[AttemptTimer | None]] = _current.set
+retire: Callable[[Token[AttemptTimer | None]], None] = _current.reset

@@ -4,6 +4,7 @@ deadline against a black hole. A fake clock and fake drivers: no database, no sl
 from __future__ import annotations
 
 import asyncio
+import sys
 import types
 from typing import Any
 
@@ -141,6 +142,97 @@ def test_psycopg_async_creator_is_wrapped_with_an_exact_timeout() -> None:
         assert await cparams["async_creator_fn"]("dsn", user="u") == (("dsn",), {"user": "u"})
 
     asyncio.run(run())
+
+
+needs_311 = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="one timer per loop needs Task.uncancel (3.11)"
+)
+
+
+async def _sleeps(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "connection"
+
+
+@needs_311
+def test_one_timer_keeps_every_attempts_own_deadline() -> None:
+    """Attempts in flight together share the loop's one timer, and each still ends at its own
+    deadline: a later, shorter one re-arms the timer; a longer one is kept for the next."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ended: dict[str, float] = {}
+
+        async def attempt(name: str, limit: float, takes: float) -> str:
+            try:
+                return str(await timeouts._bounded(_sleeps, limit)(takes))
+            except TimeoutError as error:
+                return str(error)
+            finally:
+                ended[name] = loop.time() - started
+
+        outcomes = await asyncio.gather(
+            attempt("long", 0.3, 5.0),
+            attempt("short", 0.05, 5.0),
+            attempt("quick", 5.0, 0.01),
+        )
+        assert outcomes == [
+            "connect attempt timed out after 0.3s",
+            "connect attempt timed out after 0.05s",
+            "connection",
+        ]
+        assert ended["quick"] < ended["short"] < ended["long"]
+        assert 0.05 <= ended["short"] < 0.3 <= ended["long"] < 1.0  # each at its own deadline
+        deadlines = timeouts._deadlines_of(loop)
+        assert deadlines.attempts == {}  # nothing left behind
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    asyncio.run(run())
+
+
+@needs_311
+def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    """As with ``asyncio.timeout``: only a cancellation the deadline made becomes a
+    ``TimeoutError``; the caller's own (a request's time limit, a task group) propagates, also
+    when it comes together with the deadline's."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        bounded = timeouts._bounded(_sleeps, 5.0)
+        task = asyncio.ensure_future(bounded(5.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert timeouts._deadlines_of(loop).attempts == {}
+
+        both = asyncio.ensure_future(timeouts._bounded(_sleeps, 0.05)(5.0))
+        await asyncio.sleep(0.04)
+        loop.call_at(timeouts._deadlines_of(loop).armed, both.cancel)  # with the deadline
+        with pytest.raises(asyncio.CancelledError):
+            await both
+
+        async def after_a_timeout() -> str:
+            with pytest.raises(TimeoutError):
+                await timeouts._bounded(_sleeps, 0.01)(5.0)
+            # the deadline's cancellation was taken back: the task goes on, bounded again
+            async with asyncio.timeout(1.0):
+                return await _sleeps(0.01)
+
+        assert await asyncio.ensure_future(after_a_timeout()) == "connection"
+
+    asyncio.run(run())
+
+
+@needs_311
+def test_each_loop_has_its_own_watch() -> None:
+    async def one() -> Any:
+        assert await timeouts._bounded(_sleeps, 1.0)(0.0) == "connection"
+        return timeouts._deadlines_of(asyncio.get_running_loop())
+
+    first, second = asyncio.run(one()), asyncio.run(one())
+    assert first is not second and first.loop is not second.loop
 
 
 def test_table_lookup_by_driver_and_flavour() -> None:
