@@ -25,6 +25,7 @@ from .checkout import Steps
 from .connector import RetryingConnector
 from .fault_tolerance import FaultTolerance
 from .leaks import LeakTracker
+from .liveness import LivenessPolicy
 from .overflow import OverflowIdle
 from .policy import RetryPolicy
 from .probe import WaitingRoom
@@ -96,15 +97,27 @@ class _FaultTolerantPool(SettingNames, Pool):
                 dialect, "handle_error", signals.handle_error
             ):
                 event.listen(dialect, "handle_error", signals.handle_error)
-        upkeep = self._upkeep
-        if upkeep is not None and hand_made:
-            upkeep.ping_after = None  # no dialect to ping with
-        elif upkeep is not None and isinstance(dialect, Dialect):
-            upkeep.doubt = ft.doubt
-            if ft.demotion is not None:
-                upkeep.demotion = ft.demotion
-                upkeep.invalidate_pool = self._invalidate_all
+        if self._keeps_connections and Upkeep.wanted(ft.lifetime, ft.liveness):
+            self._upkeep = self._new_upkeep(ft.liveness)
         self._steps = self._build_steps()
+
+    def _new_upkeep(self, liveness: LivenessPolicy) -> Upkeep:
+        """The upkeep of this pool's connections, given all it works with (the dialect is known:
+        after SQLAlchemy's ``__init__``)."""
+        ft = self._fault_tolerance
+        dialect = self._dialect
+        if isinstance(dialect, _ConnDialect):  # a pool built around a bare creator
+            return Upkeep(ft.lifetime, liveness, ft.counters)  # nothing to ping with
+        signals = isinstance(dialect, Dialect)  # a stand-in (SQLAlchemy's suite) only pings
+        return Upkeep(
+            ft.lifetime,
+            liveness,
+            ft.counters,
+            dialect=dialect,
+            doubt=ft.doubt if signals else None,
+            demotion=ft.demotion if signals else None,
+            invalidate_pool=self._invalidate_all,
+        )
 
     def _build_steps(self) -> Steps:
         raise NotImplementedError

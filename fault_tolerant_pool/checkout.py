@@ -78,8 +78,7 @@ def queue_steps(pool: Pool) -> Steps:
             kinds.append("idle window")
             lend.append(lambda record: window.observe(queue.qsize()))
         kinds.append("upkeep")
-        dialect = pool._dialect
-        lend.append(lambda record: upkeep.checkout(record, dialect))
+        lend.append(upkeep.checkout)
         checkin.append(upkeep_checkin(pool))
     if pool._overflow_idle is not None:
         kinds.append("overflow")

@@ -59,8 +59,6 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
     ) -> None:
         self._take_settings(creator, kw, _fault_tolerance)
         ft = self._fault_tolerance
-        if Upkeep.wanted(ft.lifetime, ft.liveness):
-            self._upkeep = Upkeep(ft.lifetime, ft.liveness, ft.counters)
         QueuePool.__init__(self, creator, *args, **kw)
         self._pool_size = self._pool.maxsize
         if ft.overflow_idle > 0 and self._pool_size > 0 and self._max_overflow != 0:
@@ -101,8 +99,7 @@ class FaultTolerantQueuePool(_FaultTolerantPool, QueuePool):
     def _upkeep_for_drain(self) -> Upkeep:
         """The upkeep, installed now (with every rule off) on a pool that had none."""
         if self._upkeep is None:
-            ft = self._fault_tolerance
-            self._upkeep = Upkeep(ft.lifetime, LivenessPolicy(check=False), ft.counters)
+            self._upkeep = self._new_upkeep(LivenessPolicy(check=False))
             self._steps = queue_steps(self)  # its checkin step retires the drained ones
         return self._upkeep
 

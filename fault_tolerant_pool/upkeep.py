@@ -47,6 +47,10 @@ class Upkeep:
         liveness: LivenessPolicy,
         counters: ConnectCounters,
         *,
+        dialect: Any = None,
+        doubt: Doubt | None = None,
+        demotion: DemotionWatch | None = None,
+        invalidate_pool: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
@@ -55,12 +59,16 @@ class Upkeep:
         self.clock = clock
         self.random = random
         self.probing = liveness.check
-        self.ping_after = liveness.ping_after if liveness.check else None
+        self.dialect = dialect
+        """What pings an idle connection (None: nothing to ping with, as in a pool built by
+        hand around a bare creator; then there is no ping)."""
+        self.ping_after = liveness.ping_after if liveness.check and dialect is not None else None
         self.idle = IdleWindow(lifetime.max_idle, clock()) if lifetime.max_idle else None
-        self.demotion: DemotionWatch | None = None
+        self.demotion = demotion
         """Judges what the liveness ping learnt: a server demoted since the connect."""
-        self.invalidate_pool: Callable[[], None] = _nothing
-        self.doubt: Doubt | None = None
+        self.invalidate_pool = invalidate_pool or _nothing
+        """Called when the ping found the server demoted: every connection is replaced."""
+        self.doubt = doubt
         """Raised when a dead connection is found: a sign of trouble (see :mod:`.doubt`)."""
         self.generation = 0
         """Bumped by :meth:`drain`; a connection of an older generation is not lent again."""
@@ -102,7 +110,7 @@ class Upkeep:
         # not stamped: made before this upkeep existed (a drain installs one on a rule-less pool)
         return self.generation != (0 if generation is None else generation)
 
-    def checkout(self, record: Any, dialect: Any) -> None:
+    def checkout(self, record: Any) -> None:
         """Before lending ``record``'s connection: retire it if expired, replace it if dead.
 
         A connection made for this very checkout (fresh) is not probed or pinged.
@@ -132,6 +140,7 @@ class Upkeep:
         ping_after = self.ping_after
         idle = now - notes.last_used
         if ping_after is not None and idle > ping_after:
+            dialect = self.dialect
             if not _answers_ping(dialect, connection):
                 self._replace(record, f"no answer to a ping after {idle:.1f}s idle")
                 return

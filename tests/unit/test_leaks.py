@@ -25,7 +25,7 @@ from fault_tolerant_pool.shutdown import (
 from fault_tolerant_pool.stats import ConnectCounters
 from fault_tolerant_pool.upkeep import KEEP, REPLACE
 
-from .test_lifetime import Clock, Dialect, Record, connected, upkeep
+from .test_lifetime import Clock, Record, connected, upkeep
 
 # -- settings -------------------------------------------------------------------------------------
 
@@ -205,16 +205,15 @@ def outer_caller(fn: Any) -> Any:
 def test_drain_retires_old_connections_at_checkout_and_checkin_only() -> None:
     clock = Clock()
     keeper, counters = upkeep(clock)
-    dialect = Dialect()
     idle, out = connected(keeper), connected(keeper)
     keeper.drain()
     assert keeper.stale(idle) and keeper.stale(out)
-    keeper.checkout(idle, dialect)  # an old idle connection is not lent: closed, slot empty
+    keeper.checkout(idle)  # an old idle connection is not lent: closed, slot empty
     assert idle.closed == 1 and idle.dbapi_connection is None
     assert keeper.checkin(out, 0) == REPLACE  # an old one that was out is closed on return
     fresh = connected(keeper)
     assert not keeper.stale(fresh)
-    keeper.checkout(fresh, dialect)
+    keeper.checkout(fresh)
     assert fresh.closed == 0 and keeper.checkin(fresh, 0) == KEEP
     assert counters.retired["drain"] == 2
 
@@ -232,11 +231,11 @@ def test_a_closed_upkeep_refuses_every_checkout() -> None:
     record = connected(keeper)
     keeper.close(PoolClosed("shut down"))
     with pytest.raises(PoolClosed):
-        keeper.checkout(record, Dialect())
+        keeper.checkout(record)
     empty = Record()
     empty.dbapi_connection = None
     with pytest.raises(PoolClosed):
-        keeper.checkout(empty, Dialect())
+        keeper.checkout(empty)
 
 
 # -- the shutdown wait --------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def upkeep(
     counters = ConnectCounters()
     return (
         Upkeep(
-            lifetime, liveness, counters, clock=clock,
+            lifetime, liveness, counters, dialect=Dialect(), clock=clock,
             random=lambda: pending.pop(0) if pending else 0.0,
         ),
         counters,
@@ -246,26 +246,26 @@ def test_expired_connection_is_retired_at_checkout_not_while_checked_out() -> No
     keeper, counters = upkeep(clock, [0.0], max_lifetime=10.0)
     record = connected(keeper)
     clock.now += 9.0
-    keeper.checkout(record, Dialect())  # lent at 9 s...
+    keeper.checkout(record)  # lent at 9 s...
     clock.now += 5.0  # ...and used past its deadline: nothing happens meanwhile
     assert record.closed == 0
     assert keeper.checkin(record, 3) == REPLACE  # retired when it comes back
     record2 = connected(keeper)
     clock.now += 11.0
-    keeper.checkout(record2, Dialect())  # expired while idle in the pool
+    keeper.checkout(record2)  # expired while idle in the pool
     assert record2.closed == 1 and counters.retired["lifetime"] == 2
 
 
 def test_dead_connection_is_replaced_without_a_ping() -> None:
     clock = Clock()
     keeper, counters = upkeep(clock)
-    probe, dialect = Probe(), Dialect()
+    probe, dialect = Probe(), keeper.dialect
     record = connected(keeper, probe)
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert record.invalidated == [] and probe.looks == 1
     keeper.checkin(record, 0)
     probe.is_dead = True
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert len(record.invalidated) == 1 and "liveness check" in str(record.invalidated[0])
     assert dialect.pings == 0 and counters.retired["liveness"] == 1
 
@@ -274,10 +274,10 @@ def test_a_connection_its_driver_closed_is_replaced_without_a_look_at_its_socket
     # once the driver closed it, its descriptor number may belong to another connection
     clock = Clock()
     keeper, counters = upkeep(clock)
-    probe, dialect = Probe(), Dialect()
+    probe, dialect = Probe(), keeper.dialect
     record = connected(keeper, probe)
     probe.is_closed = True
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert len(record.invalidated) == 1 and probe.looks == 0 and dialect.pings == 0
     assert counters.retired["liveness"] == 1
 
@@ -285,24 +285,24 @@ def test_a_connection_its_driver_closed_is_replaced_without_a_look_at_its_socket
 def test_ping_only_after_the_idle_threshold() -> None:
     clock = Clock()
     keeper, counters = upkeep(clock, ping_after=1.0)
-    dialect = Dialect()
+    dialect = keeper.dialect
     record = connected(keeper, Probe())
     clock.now += 0.9
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert dialect.pings == 0
     clock.now += 5.0  # in use for 5 s: that is not idleness
     keeper.checkin(record, 0)
     clock.now += 0.5
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert dialect.pings == 0
     keeper.checkin(record, 0)
     clock.now += 1.5
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert dialect.pings == 1 and record.invalidated == []
     keeper.checkin(record, 0)
     clock.now += 2.0
     dialect.answer = False
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert len(record.invalidated) == 1 and counters.retired["liveness"] == 1
     record3 = connected(keeper, Probe())
     clock.now += 2.0
@@ -311,34 +311,34 @@ def test_ping_only_after_the_idle_threshold() -> None:
     # reaches the caller (the pool then gives the slot back), the connection is not "dead".
     dialect.answer = RuntimeError("not a disconnect, said handle_error")
     with pytest.raises(RuntimeError, match="not a disconnect"):
-        keeper.checkout(record3, dialect)
+        keeper.checkout(record3)
     assert record3.invalidated == [] and counters.retired["liveness"] == 1
 
 
 def test_a_connection_made_for_this_checkout_is_not_checked() -> None:
     clock = Clock()
     keeper, _ = upkeep(clock, ping_after=0.0)
-    dialect, probe = Dialect(), Probe()
+    dialect, probe = keeper.dialect, Probe()
     record = connected(keeper, probe)
     notes = record.notes
     notes.fresh = True  # just made: the checkout that made it lends it
     clock.now += 0.5
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert dialect.pings == 0 and probe.looks == 0
     keeper.checkin(record, 0)  # returned: from now on every checkout pings (ping_after=0)
     assert not notes.fresh
     clock.now += 0.001
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert dialect.pings == 1 and probe.looks == 1 and record.invalidated == []
 
 
 def test_no_ping_when_disabled() -> None:
     clock = Clock()
     keeper, _ = upkeep(clock, ping_after=None)
-    dialect = Dialect()
+    dialect = keeper.dialect
     record = connected(keeper, Probe())
     clock.now += 3600
-    keeper.checkout(record, dialect)
+    keeper.checkout(record)
     assert dialect.pings == 0 and record.invalidated == []
 
 
@@ -368,11 +368,11 @@ def test_records_without_a_connection_are_left_alone() -> None:
     record = connected(keeper)
     record.dbapi_connection = None
     clock.now += 5
-    keeper.checkout(record, Dialect())
+    keeper.checkout(record)
     assert keeper.checkin(record, 0) == KEEP and record.closed == 0
     bare = Record()  # made before the upkeep existed: not stamped
-    keeper.checkout(bare, Dialect())
+    keeper.checkout(bare)
     assert keeper.checkin(bare, 0) == KEEP
     by_hand = types.SimpleNamespace(dbapi_connection=object())  # SQLAlchemy's, made by hand
-    keeper.checkout(by_hand, Dialect())
+    keeper.checkout(by_hand)
     assert keeper.checkin(by_hand, 0) == KEEP and by_hand.notes.generation is None
