@@ -786,6 +786,9 @@ class RoutingSession(Session):
         self._last_engine: Engine = router._sync_writer
 
     def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+        given = kw.get("bind")
+        if given is not None:  # a bind the caller named (bind_arguments): used as it is
+            return given
         transaction = self.get_transaction()
         route = self._route
         if route is not None and route[0] is transaction:

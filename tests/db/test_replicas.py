@@ -1031,6 +1031,9 @@ def test_a_sync_router_routes_rides_out_a_stopped_standby_and_close_ends_its_thr
                 assert tuple(session.execute(WHERE_EXACTLY).one()) == first
             servers.append(first[0])
         assert set(servers) == standbys
+        with readonly() as session:  # a bind the caller names wins, as in SQLAlchemy's Session
+            named = session.execute(WHERE, bind_arguments={"bind": router.writer}).one()
+            assert tuple(named) == (primary.port, False)
 
         # Reads from 8 threads; s1 stops (fast) meanwhile.
         with ThreadReadLoad(router, workers=8) as load:
