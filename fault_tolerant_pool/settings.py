@@ -421,7 +421,3 @@ def signature(stock: type) -> inspect.Signature:
         for setting in SETTINGS
     ]
     return inspect.Signature([*positional, *settings, kind("kw", kind.VAR_KEYWORD)])
-
-
-if __name__ == "__main__":
-    print(parameter_table())
