@@ -13,8 +13,12 @@ Drivers differ in what they can honour (the table :data:`CONNECT_TIMEOUTS`):
 
 - asyncpg takes a float ``timeout``: exact.
 - psycopg async: its ``connect_timeout`` is whole seconds, at least 2 (psycopg's
-  ``timeout_from_conninfo``), so the pool runs ``AsyncConnection.connect`` under
-  ``asyncio.timeout`` instead (``async_creator_fn``): exact.
+  ``timeout_from_conninfo``), and bounds the login only, not the host name's resolution. A
+  limit it can honour exactly (a whole number of seconds, at least 2, with a host given as an
+  address or a socket directory: the first attempt with the defaults) is passed to it; any other
+  the pool enforces itself, running ``AsyncConnection.connect`` under a deadline of its own
+  (``async_creator_fn``; :func:`_bounded`). Exact either way; the first costs nothing, since
+  psycopg times every connect anyway.
 - psycopg sync and psycopg2 (libpq): ``connect_timeout`` in whole seconds, at least 2. The pool
   passes the limit rounded down (never past the deadline while 2 s or more are left). When an
   attempt ran into its time limit and less than 2 s are left, no further attempt is made: it
@@ -24,6 +28,7 @@ Drivers differ in what they can honour (the table :data:`CONNECT_TIMEOUTS`):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import os
 import sys
@@ -83,9 +88,14 @@ class ConnectTimeout:
     minimum: float = 0.0
     environ: str | None = None
     """An environment variable the driver reads its default from (libpq's ``PGCONNECT_TIMEOUT``)."""
+    exact: bool = False
+    """A limit the driver cannot honour exactly is enforced by the pool around the async creator
+    (psycopg async), so the driver waits exactly as long as asked."""
 
     def bound(self, seconds: float) -> float:
         """How long the driver will wait when asked to wait at most ``seconds``."""
+        if self.exact:
+            return seconds
         if self.whole_seconds:
             seconds = math.floor(seconds + _ROUNDING_SLACK)
         return max(self.minimum, seconds)
@@ -97,17 +107,59 @@ class ConnectTimeout:
         """
         keyword = self.keyword
         if keyword is None:
-            connect = cparams.get("async_creator_fn") or _psycopg_async_connect()
-            cparams["async_creator_fn"] = _bounded(connect, seconds)
-            return seconds
+            return _bound_creator(cparams, seconds)
         mine = _seconds(cparams.get(keyword))
         if mine is None and self.environ is not None:
             mine = _seconds(os.environ.get(self.environ))
         if mine is not None:
             seconds = min(seconds, mine)
+        if self.exact and not self._honours(seconds, cparams):
+            return _bound_creator(cparams, seconds)
         bound = self.bound(seconds)
         cparams[keyword] = int(bound) if self.whole_seconds else bound
         return bound
+
+    def _honours(self, seconds: float, cparams: dict[str, Any]) -> bool:
+        """Whether the driver waits exactly ``seconds``, and for nothing before the login."""
+        if self.whole_seconds:
+            whole = math.floor(seconds + _ROUNDING_SLACK)
+            if whole < self.minimum or abs(seconds - whole) > _ROUNDING_SLACK:
+                return False
+        return _resolves_nothing(cparams.get("host"))
+
+
+def _bound_creator(cparams: dict[str, Any], seconds: float) -> float:
+    """Run this attempt's async creator under a deadline of the pool's own (psycopg async)."""
+    connect = cparams.get("async_creator_fn") or _psycopg_async_connect()
+    cparams["async_creator_fn"] = _bounded(connect, seconds)
+    return seconds
+
+
+_literal_hosts: dict[str, bool] = {}  # host -> an address or a socket directory (no lookup)
+
+
+def _resolves_nothing(host: Any) -> bool:
+    """Whether a connect to ``host`` starts without a name lookup: an IP address, a socket
+    directory, or none given (libpq's default socket). A lookup is not covered by psycopg's
+    ``connect_timeout``."""
+    if host is None:
+        return True
+    known = _literal_hosts.get(host)
+    if known is None:
+        known = isinstance(host, str) and _is_literal(host)
+        if len(_literal_hosts) < 64:  # a pool connects to a few hosts; never grows without end
+            _literal_hosts[host] = known
+    return known
+
+
+def _is_literal(host: str) -> bool:
+    if host.startswith("/") or host.startswith("@"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 _LIBPQ = ConnectTimeout(
@@ -118,7 +170,9 @@ _LIBPQ = ConnectTimeout(
 #: Drivers not listed get no per-attempt timeout (docs/retry.md says so).
 CONNECT_TIMEOUTS: dict[tuple[str, bool], ConnectTimeout] = {
     ("asyncpg", True): ConnectTimeout("timeout"),
-    ("psycopg", True): ConnectTimeout(None),
+    ("psycopg", True): ConnectTimeout(
+        "connect_timeout", whole_seconds=True, minimum=2.0, environ="PGCONNECT_TIMEOUT", exact=True
+    ),
     ("psycopg", False): _LIBPQ,
     ("psycopg2", False): _LIBPQ,
     ("pg8000", False): ConnectTimeout("timeout"),

@@ -57,9 +57,10 @@ class BlackHole:
         timeouts._inject(self.dialect, record, [], cparams)
         rule = connect_timeout_for(self.dialect)
         assert rule is not None
-        waits = float(cparams[rule.keyword]) if rule.keyword else self.limits[-1]
+        told = rule.keyword is not None and "async_creator_fn" not in cparams  # else bounded
+        waits = float(cparams[rule.keyword]) if told else self.limits[-1]
         assert waits is not None
-        self.told.append(cparams.get(rule.keyword) if rule.keyword else waits)
+        self.told.append(cparams[rule.keyword] if told else waits)
         if self.healed_at is not None and self.clock.now + 0.01 >= self.healed_at:
             self.clock.now += 0.01
             return "connection"
@@ -122,9 +123,24 @@ def test_asyncpg_timeout_is_exact() -> None:
     assert cparams["timeout"] == 1.25
 
 
+def test_psycopg_async_is_told_a_limit_it_honours_exactly_and_bounded_otherwise() -> None:
+    rule = CONNECT_TIMEOUTS["psycopg", True]
+    # whole seconds, at least 2, no name to look up: psycopg's own connect_timeout, no wrapper
+    for host in ("127.0.0.1", "::1", "/var/run/postgresql", None):
+        cparams: dict[str, Any] = {} if host is None else {"host": host}
+        assert rule.apply(cparams, 5.0) == 5.0 and cparams.get("connect_timeout") == 5
+        assert "async_creator_fn" not in cparams
+    assert rule.apply(cp := {"host": "10.0.0.1", "connect_timeout": 3}, 5.0) == 3.0
+    assert cp == {"host": "10.0.0.1", "connect_timeout": 3}  # a smaller one of yours stays
+    # anything else the pool bounds itself, exactly (psycopg would round, or not cover a lookup)
+    for seconds, host in ((2.5, "127.0.0.1"), (1.0, "127.0.0.1"), (5.0, "db.example.com")):
+        cparams = {"host": host}
+        assert rule.apply(cparams, seconds) == seconds == rule.bound(seconds)
+        assert "connect_timeout" not in cparams and callable(cparams["async_creator_fn"])
+
+
 def test_psycopg_async_creator_is_wrapped_with_an_exact_timeout() -> None:
     rule = CONNECT_TIMEOUTS["psycopg", True]
-    assert rule.keyword is None
 
     async def never(*args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(3600)
@@ -237,7 +253,9 @@ def test_each_loop_has_its_own_watch() -> None:
 
 def test_table_lookup_by_driver_and_flavour() -> None:
     assert connect_timeout_for(dialect("psycopg", False)) is LIBPQ
-    assert connect_timeout_for(dialect("psycopg", True)) == ConnectTimeout(None)
+    assert connect_timeout_for(dialect("psycopg", True)) == ConnectTimeout(
+        "connect_timeout", whole_seconds=True, minimum=2.0, environ="PGCONNECT_TIMEOUT", exact=True
+    )
     assert connect_timeout_for(dialect("mysqldb", False)) is None
 
 
@@ -273,6 +291,8 @@ def test_another_attempt_unless_black_holed_and_the_driver_cannot_end_in_time() 
         ("asyncpg", True, 5.0, 10.0, [5.0, 5.0], 10.0),
         ("asyncpg", True, 1.0, 3.0, [1.0, 1.0, 1.0], 3.0),
         ("psycopg", True, 2.5, 5.0, [2.5, 2.5], 5.0),
+        # psycopg async: its own 5 s (whole seconds), then the pool's exact 4.975 s
+        ("psycopg", True, 5.0, 10.0, [5, 4.975], 10.0),
         # libpq: 5 s, then 4 s (4.975 rounded down), then less than 2 s left: give up at 9 s.
         ("psycopg", False, 5.0, 10.0, [5, 4], 9.0),
         ("psycopg", False, 1.0, 3.0, [2], 2.0),
