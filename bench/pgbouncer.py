@@ -9,8 +9,9 @@ that round's stock run, and the median of the rounds is printed with the lowest 
 Setups: ``stock`` (``NullPool``), ``defaults`` (``FaultTolerantNullPool``, nothing passed: new
 connections are pinged only while the pool has reason to doubt), ``retry_ping`` (every new
 connection pinged), ``stock_again`` (a second stock engine: how far apart two identical setups
-land in this run, the noise to read the others against). PgBouncer's ``auth_type`` is ``trust`` unless ``--auth`` says otherwise:
-a cheap login makes the pool's own cost per checkout as visible as it can be.
+land in this run, the noise to read the others against). PgBouncer's ``auth_type`` is
+``trust`` unless ``--auth`` says otherwise: a cheap login makes the pool's own cost per checkout
+as visible as it can be.
 
     .venv/bin/python bench/pgbouncer.py [--rounds 8] [--seconds 1.5] [--tasks 20]
 """
