@@ -120,6 +120,9 @@ class ReaderStatus:
     """Times it was passed over because it was further behind than ``max_replica_lag``."""
     skipped_down: int
     """Times it was passed over because it was down, promoted, unchecked or its pool failing."""
+    skipped_busy: int = 0
+    """Times it was passed over because its pool lent all it may (a checkout would wait for a
+    slot) while another reader had one free."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,7 @@ class _Reader:
         "name",
         "reads",
         "role",
+        "skipped_busy",
         "skipped_down",
         "skipped_for_lag",
         "suspect_at",
@@ -182,6 +186,13 @@ class _Reader:
         self.reads = 0
         self.skipped_for_lag = 0
         self.skipped_down = 0
+        self.skipped_busy = 0
+
+    def busy(self) -> bool:
+        """Whether a checkout on it would wait for a slot now: its pool lends all it may (the
+        pool as it is now: ``dispose()`` makes a new one)."""
+        would_wait = getattr(self.sync_engine.pool, "_would_wait", None)
+        return would_wait is not None and bool(would_wait())
 
     def why_not(self, now: float, max_lag: float, stale_after: float, timeout: float) -> str | None:
         """None when the reader may take a read now; else ``lag`` or ``down``."""
@@ -337,20 +348,33 @@ class ReplicaRouter:
         readers = self._readers
         count = len(readers)
         start = self._next
+        busy: list[int] = []  # readers in rotation whose pools lend all they may
         for step in range(count):
             reader = readers[(start + step) % count]
             if reader in tried:
                 continue
             why = reader.why_not(now, self.max_replica_lag, self._stale_after, self.check_timeout)
             if why is None:
-                self._next = (start + step + 1) % count
-                reader.reads += 1
-                return reader
+                if reader.busy():
+                    busy.append(step)  # another reader may have a slot free now
+                    continue
+                for passed in busy:
+                    readers[(start + passed) % count].skipped_busy += 1
+                return self._take(start + step)
             if why == "lag":
                 reader.skipped_for_lag += 1
             else:
                 reader.skipped_down += 1
+        if busy:  # every reader in rotation is busy: wait for a slot on the next in turn
+            return self._take(start + busy[0])
         return None
+
+    def _take(self, position: int) -> _Reader:
+        readers = self._readers
+        reader = readers[position % len(readers)]
+        self._next = (position + 1) % len(readers)
+        reader.reads += 1
+        return reader
 
     def _no_reader(self) -> Engine | AsyncEngine:
         if not self.fallback_to_writer:
@@ -591,6 +615,7 @@ class ReplicaRouter:
                 reads=r.reads,
                 skipped_for_lag=r.skipped_for_lag,
                 skipped_down=r.skipped_down,
+                skipped_busy=r.skipped_busy,
             )
             for r in self._readers
         )
@@ -873,7 +898,7 @@ class _RouterMetrics:
             "fault_tolerant_pool.router.skipped",
             callbacks=[self._skipped],
             unit="{transaction}",
-            description="Times a reader was passed over, by reason (lag, down)",
+            description="Times a reader was passed over, by reason (lag, down, busy)",
         )
         meter.create_observable_gauge(
             "fault_tolerant_pool.router.replica_lag",
@@ -916,6 +941,9 @@ class _RouterMetrics:
                 )
                 yield metrics.Observation(
                     reader.skipped_down, {_SERVER: reader.name, _REASON: "down"}
+                )
+                yield metrics.Observation(
+                    reader.skipped_busy, {_SERVER: reader.name, _REASON: "busy"}
                 )
 
     def _lag(self, options: Any) -> Iterator[metrics.Observation]:

@@ -123,11 +123,12 @@ def running_replicas(shared_servers: Replicas) -> Iterator[Replicas]:
 # -- engines and routers -------------------------------------------------------------------------
 
 
-def engine_for(flavour: str, url: str) -> Any:
-    """An engine of ``flavour`` on ``FaultTolerantQueuePool``, every setting at its default."""
+def engine_for(flavour: str, url: str, **kw: Any) -> Any:
+    """An engine of ``flavour`` on ``FaultTolerantQueuePool``, every other setting at its
+    default."""
     if flavour in ASYNC_FLAVOURS:
-        return create_async_engine(url, poolclass=FaultTolerantQueuePool)
-    return sa.create_engine(url, poolclass=FaultTolerantQueuePool)
+        return create_async_engine(url, poolclass=FaultTolerantQueuePool, **kw)
+    return sa.create_engine(url, poolclass=FaultTolerantQueuePool, **kw)
 
 
 def checker_tasks() -> list[asyncio.Task[Any]]:
@@ -166,14 +167,16 @@ async def routed(
     writer: PostgresServer,
     readers: Sequence[PostgresServer | str],
     servers: Sequence[PostgresServer] = (),
+    engine_kw: dict[str, Any] | None = None,
     **router_kw: Any,
 ) -> AsyncIterator[ReplicaRouter]:
-    """An async router over fresh engines (a reader may be given as a URL, e.g. a proxy's).
-    Closed (``aclose()``) and disposed whatever happens; when the test passed, its checker tasks
-    must be gone, every connection back in its pool, and none left open on ``servers``."""
+    """An async router over fresh engines (a reader may be given as a URL, e.g. a proxy's;
+    ``engine_kw`` go to every engine). Closed (``aclose()``) and disposed whatever happens; when
+    the test passed, its checker tasks must be gone, every connection back in its pool, and none
+    left open on ``servers``."""
     urls = [r if isinstance(r, str) else r.url(flavour) for r in readers]
-    engines = [engine_for(flavour, writer.url(flavour))]
-    engines += [engine_for(flavour, url) for url in urls]
+    engines = [engine_for(flavour, writer.url(flavour), **(engine_kw or {}))]
+    engines += [engine_for(flavour, url, **(engine_kw or {})) for url in urls]
     router = ReplicaRouter(engines[0], engines[1:], **router_kw)
     try:
         yield router
@@ -459,6 +462,37 @@ async def test_reads_go_round_robin_to_the_standbys_and_writes_to_the_primary(
         assert stats.writes == 3
         assert [r.in_rotation for r in stats.readers] == [True, True]
         assert [(r.skipped_down, r.skipped_for_lag) for r in stats.readers] == [(0, 0), (0, 0)]
+
+
+@async_flavours
+async def test_a_reader_with_every_slot_lent_is_passed_over_for_one_with_a_slot_free(
+    running_replicas: Replicas, flavour: str
+) -> None:
+    primary, s1, s2 = running_replicas
+    one_slot = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 10}
+    async with routed(
+        flavour, primary, [s1, s2], running_replicas, engine_kw=one_slot
+    ) as router:  # fmt: skip
+        await ready(router)
+        busy = router._readers[0].engine
+        async with busy.connect() as held:  # s1's one slot, lent (a hung request, say)
+            assert tuple((await held.execute(WHERE)).one()) == (s1.port, True)
+            landed = []
+            for _ in range(4):
+                started = time.monotonic()
+                async with router.connect(read_only=True) as conn:
+                    port = (await conn.execute(WHERE)).one()[0]
+                landed.append((port, time.monotonic() - started))
+            assert [port for port, _ in landed] == [s2.port] * 4  # no wait for s1's slot
+            assert max(took for _, took in landed) < 2.0, landed
+        ports = []
+        for _ in range(4):  # s1's slot free again: round robin over both
+            async with router.connect(read_only=True) as conn:
+                ports.append((await conn.execute(WHERE)).one()[0])
+        assert sorted(ports) == sorted([s1.port, s2.port] * 2)
+        stats = router.stats()
+        assert stats.readers[0].skipped_busy >= 2 and stats.readers[1].skipped_busy == 0
+        assert (stats.writer_reads, stats.fallbacks) == (0, 0)
 
 
 # -- 2. failures ---------------------------------------------------------------------------------

@@ -53,6 +53,36 @@ def test_reads_go_round_robin_over_the_readers_in_rotation() -> None:
     assert (stats.writer_reads, stats.writes) == (0, 1)
 
 
+def test_a_reader_whose_pool_lends_all_it_may_is_passed_over_while_another_has_a_slot() -> None:
+    clock = Clock()
+    engines = [
+        create_engine(f"postgresql+psycopg://app@db{port}/app", poolclass=FaultTolerantQueuePool,
+                      pool_size=1, max_overflow=0)
+        for port in (1, 10, 11)
+    ]  # fmt: skip
+    chosen = ReplicaRouter(engines[0], engines[1:], clock=clock)
+    chosen._started = True
+    first, second = chosen._readers
+    for reader in chosen._readers:
+        checked(reader, clock)
+
+    def lend_all(engine: Any, busy: bool) -> None:  # as if its one connection were checked out
+        engine.pool._overflow = 0 if busy else -1
+
+    lend_all(engines[1], True)
+    assert first.busy() and not second.busy()
+    picks = [chosen.choose(read_only=True) for _ in range(3)]
+    assert picks == [engines[2]] * 3  # the busy one is passed over, the writer is not used
+    lend_all(engines[2], True)  # both busy: wait on the next in turn, never the writer
+    assert [chosen.choose(read_only=True) for _ in range(2)] == [engines[1], engines[2]]
+    lend_all(engines[1], False)
+    assert chosen.choose(read_only=True) is engines[1]
+    stats = chosen.stats()
+    assert [(r.reads, r.skipped_busy) for r in stats.readers] == [(2, 3), (4, 0)]
+    assert (stats.writer_reads, stats.fallbacks) == (0, 0)
+    assert not _Reader(engine(12)).busy()  # a stock pool: never seen as busy
+
+
 def test_a_reader_not_checked_yet_or_promoted_or_down_takes_no_reads() -> None:
     clock = Clock()
     chosen = router(clock, readers=3)
