@@ -251,6 +251,17 @@ def test_each_loop_has_its_own_watch() -> None:
     assert first is not second and first.loop is not second.loop
 
 
+def test_the_environment_is_read_at_each_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    assert timeouts._environ("PGCONNECT_TIMEOUT") is None
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")
+    assert timeouts._environ("PGCONNECT_TIMEOUT") == "3"
+    cparams: dict[str, Any] = {"host": "127.0.0.1"}
+    assert LIBPQ.apply(cparams, 5.0) == 3 and cparams["connect_timeout"] == 3
+    monkeypatch.delenv("PGCONNECT_TIMEOUT")
+    assert timeouts._environ("PGCONNECT_TIMEOUT") is None
+
+
 def test_table_lookup_by_driver_and_flavour() -> None:
     assert connect_timeout_for(dialect("psycopg", False)) is LIBPQ
     assert connect_timeout_for(dialect("psycopg", True)) == ConnectTimeout(
