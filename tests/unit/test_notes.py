@@ -20,7 +20,7 @@ from fault_tolerant_pool.setup_retry import SetUpRetriedRecord
 from fault_tolerant_pool.stats import ConnectCounters
 from fault_tolerant_pool.upkeep import KEEP, Upkeep
 
-from .test_failover_units import ServerError, psycopg_like
+from .test_failover_units import ServerError, context_for, psycopg_like
 
 
 def pool_record() -> SetUpRetriedRecord:
@@ -105,11 +105,7 @@ def test_a_rollback_without_notes_is_plain() -> None:
 def failed_statement(record: Any, driver: Any) -> Any:
     """A ``handle_error`` context: a read-only signal on ``record``'s connection."""
     error = ServerError("cannot execute INSERT in a read-only transaction", "25006")
-    fairy = types.SimpleNamespace(driver_connection=driver, _connection_record=record)
-    return types.SimpleNamespace(
-        is_disconnect=False, is_pre_ping=False, original_exception=error,
-        connection=types.SimpleNamespace(connection=fairy),
-    )  # fmt: skip
+    return context_for(error, record, driver)
 
 
 def test_the_engines_listener_takes_a_record_of_any_class() -> None:
