@@ -335,9 +335,6 @@ class Gate:
             if error is None:
                 if attempt_started is not None:
                     self.logins.observe(now - attempt_started)
-                if self._state == "healthy" and not self._waiters:
-                    self._reached_at = now  # all that _reached() would do: nobody to wake
-                    return
                 self._reached(now)
             elif attempt_started is not None and attempt_started < self._reached_at:
                 self._wake_free()  # stale: the server was reached after this attempt began
@@ -505,6 +502,8 @@ class Gate:
     def _reached(self, now: float) -> None:
         self._reached_at = now
         state = self._state
+        if state == "healthy" and not self._waiters:
+            return  # a connect that succeeds while all is well: no outage to end, none to wake
         if state in ("failing", "failing_fast"):
             length = now - self._failing_since
             self.outages += 1

@@ -348,24 +348,24 @@ class ReplicaRouter:
         readers = self._readers
         count = len(readers)
         start = self._next
-        busy: list[int] = []  # readers in rotation whose pools lend all they may
+        busy: list[int] | None = None  # readers in rotation whose pools lend all they may
         for step in range(count):
             reader = readers[(start + step) % count]
             if reader in tried:
                 continue
             why = reader.why_not(now, self.max_replica_lag, self._stale_after, self.check_timeout)
             if why is None:
-                if reader.busy():
-                    busy.append(step)  # another reader may have a slot free now
+                if reader.busy():  # another reader may have a slot free now
+                    busy = [step] if busy is None else [*busy, step]
                     continue
-                for passed in busy:
+                for passed in busy or ():
                     readers[(start + passed) % count].skipped_busy += 1
                 return self._take(start + step)
             if why == "lag":
                 reader.skipped_for_lag += 1
             else:
                 reader.skipped_down += 1
-        if busy:  # every reader in rotation is busy: wait for a slot on the next in turn
+        if busy is not None:  # every reader in rotation is busy: wait on the next in turn
             return self._take(start + busy[0])
         return None
 
