@@ -126,6 +126,24 @@ TRANSIENT_CLASSES: dict[str, str] = {
     "TargetServerAttributeNotMatched": "no host matched target_session_attrs",
 }
 
+#: The connect failures where something accepted the TCP connection and ended it before any
+#: database server spoke, by SQLSTATE (a server's, or inferred from libpq's words) or, without
+#: one, by the driver's exception class: HAProxy or a cloud load balancer with no server to give
+#: it (libpq's "server closed the connection unexpectedly", asyncpg's ``ConnectionError``
+#: "unexpected connection_lost()", a reset), or PgBouncer's own error (08P01). A direct
+#: PostgreSQL refuses (nothing listening) or sends a message (57P03); it does not close a login
+#: unanswered.
+CLOSED_BY_PROXY: frozenset[str] = frozenset(
+    {
+        "08006",  # connection_failure (libpq: closed unexpectedly, reset, no data)
+        "08P01",  # protocol_violation: PgBouncer's errors
+        "ConnectionError",  # asyncpg: connection_lost() during the handshake
+        "ConnectionResetError",
+        "ConnectionAbortedError",
+        "BrokenPipeError",
+    }
+)
+
 #: Labels of the failures that mean "this host is not of the kind asked for" (no writer yet).
 NOT_MATCHING: tuple[str, ...] = (
     "TargetServerAttributeNotMatched",
@@ -221,6 +239,14 @@ def classify(exc: BaseException) -> Verdict:
     if transient is not None:
         return Verdict(True, transient[1], label)
     return Verdict(False, None, label)
+
+
+def closed_by_proxy(verdict: Verdict) -> bool:
+    """Whether something accepted the connection and ended it before any database server
+    spoke (:data:`CLOSED_BY_PROXY`): a proxy with no server to give it. Refused connections
+    (nothing listening) and a server's own refusals are not."""
+    code = verdict.sqlstate
+    return (code if code is not None else verdict.error_type) in CLOSED_BY_PROXY
 
 
 def not_matching(exc: BaseException) -> bool:

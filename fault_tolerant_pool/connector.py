@@ -15,6 +15,7 @@ from .classify import (
     Classifier,
     Verdict,
     classify_with,
+    closed_by_proxy,
     innermost_class,
     not_matching,
     sqlstate_of,
@@ -275,7 +276,13 @@ class RetryingConnector:
         # was reached: no outage for the gate, only this loop's own backoff.
         reached = not verdict.transient or isinstance(error, ReadOnlyRoute)
         if gate is not None:
-            gate.finished(now, None if reached else error, backoff.started, state.admitted)
+            gate.finished(
+                now,
+                None if reached else error,
+                backoff.started,
+                state.admitted,
+                closed_by_proxy(verdict),
+            )
         credentials = self.credentials
         refresh: str | None = None
         if verdict.transient:

@@ -89,11 +89,28 @@ class ProbeSchedule:
     recovery_concurrency: int = 2
     hedge_limit: int = 24
     """Attempts presumed held that may be in flight beyond the limits above."""
+    proxied: float = 0.05
+    """The pause (at most) after a quick failure where something accepted the connection and
+    closed it before any database server spoke (see :func:`.classify.closed_by_proxy`): a
+    proxy with no server to give it (HAProxy between a leader's fall and its successor's rise,
+    a cloud load balancer, PgBouncer's own error). The proxy may have a server for the next
+    connection at any moment (HAProxy checks every second or so), and asking costs the
+    database nothing, so until fail-fast opens the probe asks at this pace, as a stock pool's
+    callers would at once; and while other attempts are held (by the same proxy, routing them
+    to a server that is gone), another goes beside them no less often. A refused connection
+    (nothing listening: the server itself is down) and a server's own refusal (57P03, 53300)
+    get the growing pause above, which keeps a fleet's attempts on a down server to a few a
+    second."""
 
     def pause(self, age: float, draw: float) -> float:
         """Seconds from a failed probe to the next, ``age`` seconds into the failure;
         ``draw`` is a uniform random number in ``[0, 1)``."""
         base = min(self.last, self.first + (max(age, 0.0) / self.knee) ** 3)
+        return base * (1.0 + self.jitter * (2.0 * draw - 1.0))
+
+    def proxied_pause(self, age: float, draw: float) -> float:
+        """:meth:`pause` after a quick failure closed by a proxy: :attr:`proxied` at most."""
+        base = min(self.proxied, self.last, self.first + (max(age, 0.0) / self.knee) ** 3)
         return base * (1.0 + self.jitter * (2.0 * draw - 1.0))
 
 
@@ -251,6 +268,7 @@ class Gate:
         self._next_probe_at = 0.0
         self._last_go = float("-inf")  # when the newest attempt was admitted
         self._reached_at = float("-inf")  # when an attempt last reached the server
+        self._proxied = False  # the last failure: a quick close by a proxy (ProbeSchedule.proxied)
         self.outage_attempts = 0
         self.hedged = 0
         self.last_error: Exception | None = None
@@ -325,11 +343,14 @@ class Gate:
         error: Exception | None,
         started: float,
         attempt_started: float | None = None,
+        proxied: bool = False,
     ) -> None:
         """Report an attempt admitted with ``GO``: ``error`` is None when the server was reached
         (connected, or answered with a permanent error), else the transient error.
         ``started`` is when the caller's connect began (its first attempt), ``attempt_started``
-        when this attempt did (its duration feeds :attr:`logins`; None: unknown)."""
+        when this attempt did (its duration feeds :attr:`logins`; None: unknown). ``proxied``:
+        the transient error came from a proxy with no server for it
+        (:attr:`ProbeSchedule.proxied`)."""
         with self._lock:
             self._in_flight -= 1
             if error is None:
@@ -339,7 +360,10 @@ class Gate:
             elif attempt_started is not None and attempt_started < self._reached_at:
                 self._wake_free()  # stale: the server was reached after this attempt began
             else:
-                self._failed(now, error, started)
+                quick = attempt_started is not None and now - attempt_started < (
+                    self.logins.held_after
+                )
+                self._failed(now, error, started, proxied and quick)
 
     def abandoned(self) -> None:
         """An attempt admitted with ``GO`` was cancelled: hand the probe on."""
@@ -424,6 +448,8 @@ class Gate:
         if self._in_flight >= self._limit() + self.schedule.hedge_limit:
             return float("inf")
         delay = self.logins.held_after
+        if self._proxied:  # a proxy is closing the rest at once: no slower than its pace
+            delay = min(delay, self.schedule.proxied)
         if self._state == "failing_fast":  # a long outage: paced like the probes
             delay = max(delay, self.schedule.pause(self._last_go - self._failing_since, 0.5))
         return self._last_go + delay
@@ -486,7 +512,9 @@ class Gate:
         self._wake_all()  # those waiting for the probe fail fast too
         return "failing_fast"
 
-    def _failed(self, now: float, error: Exception, started: float) -> None:
+    def _failed(
+        self, now: float, error: Exception, started: float, proxy_closed_quickly: bool = False
+    ) -> None:
         if self._state in ("healthy", "recovering"):
             self._state = "failing"
             self._failing_since = min(now, started)
@@ -496,11 +524,16 @@ class Gate:
         self._failing_wall = self.wall() - (now - self._failing_since)
         self.outage_attempts += 1
         self.last_error = error
-        self._next_probe_at = now + self.schedule.pause(now - self._failing_since, self.random())
+        pause = self.schedule.pause
+        self._proxied = proxy_closed_quickly and self._state == "failing"
+        if self._proxied:
+            pause = self.schedule.proxied_pause  # the proxy may route the next one elsewhere
+        self._next_probe_at = now + pause(now - self._failing_since, self.random())
         self._wake_all()  # each recomputes until when it waits (the next probe's time)
 
     def _reached(self, now: float) -> None:
         self._reached_at = now
+        self._proxied = False
         state = self._state
         if state == "healthy" and not self._waiters:
             return  # a connect that succeeds while all is well: no outage to end, none to wake

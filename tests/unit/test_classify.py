@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 
-from fault_tolerant_pool.classify import classify, classify_with, sqlstate_of
+from fault_tolerant_pool.classify import (
+    Verdict,
+    classify,
+    classify_with,
+    closed_by_proxy,
+    sqlstate_of,
+)
 
 CASES: list[dict[str, Any]] = json.loads(
     (Path(__file__).resolve().parent.parent / "data" / "connect_errors.json").read_text()
@@ -179,3 +185,34 @@ def test_a_connection_closed_under_the_first_round_trip_is_transient(message: st
 
     verdict = classify(InterfaceError(message))
     assert verdict.transient and verdict.sqlstate in ("08003", "08006")
+
+
+@pytest.mark.parametrize(
+    "label, closed",
+    [("08006", True), ("08P01", True), ("ConnectionError", True), ("ConnectionResetError", True),
+     ("08001", False), ("ConnectionRefusedError", False), ("57P03", False), ("53300", False),
+     ("28P01", False), ("TimeoutError", False)],
+)  # fmt: skip
+def test_closed_by_proxy_labels(label: str, closed: bool) -> None:
+    verdict = Verdict(True, label, label) if label[0].isdigit() else Verdict(True, None, label)
+    assert closed_by_proxy(verdict) is closed
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['driver']}-{c['case']}")
+def test_captured_failures_of_a_direct_server_are_never_closed_by_a_proxy(
+    case: dict[str, Any],
+) -> None:
+    # the real drivers' errors against PostgreSQL itself: refused, shutting down, authentication,
+    # a missing database or role, a connection limit
+    assert not closed_by_proxy(classify(rebuild(case["chain"])))
+
+
+def test_libpq_and_asyncpg_closes_by_haproxy_are_closed_by_a_proxy() -> None:
+    # the texts both drivers gave through HAProxy with no server (bench/patroni.py's logs)
+    libpq = Exception(
+        'connection failed: connection to server at "127.0.0.1", port 51005 failed: server '
+        "closed the connection unexpectedly\n\tThis probably means the server terminated "
+        "abnormally before or while processing the request."
+    )
+    assert closed_by_proxy(classify(libpq))
+    assert closed_by_proxy(classify(ConnectionError("unexpected connection_lost() call")))

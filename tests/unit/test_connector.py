@@ -279,6 +279,37 @@ def test_with_a_gate_the_probe_schedule_paces_the_retries() -> None:
     assert connect.gate.figures().outages == 1  # type: ignore[union-attr]
 
 
+def closed_by_proxy() -> Exception:
+    # libpq's words when HAProxy accepts the connection and has no server to give it
+    error = FakeDBAPI.OperationalError(
+        'connection to server at "127.0.0.1", port 5000 failed: server closed the connection '
+        "unexpectedly"
+    )
+    return error
+
+
+def test_with_a_gate_a_quick_close_by_a_proxy_is_probed_again_at_the_proxied_pace() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    connect = gated(flaky([closed_by_proxy()] * 3, clock), clock, counters)
+    assert connect(None) == "connection"
+    schedule = connect.gate.schedule  # type: ignore[union-attr]
+    assert clock.sleeps == [pytest.approx(schedule.proxied)] * 3
+    assert schedule.proxied < schedule.pause(0.0, 0.0)
+
+
+def test_with_a_gate_a_slow_close_by_a_proxy_waits_the_schedule() -> None:
+    # closed after longer than a login is presumed to take (held, then closed): the hedging
+    # covers held attempts, the pause stays the schedule's
+    clock, counters = Clock(), ConnectCounters()
+    connect = gated(flaky([closed_by_proxy()] * 2, clock, cost=0.3), clock, counters)
+    assert connect(None) == "connection"
+    schedule = connect.gate.schedule  # type: ignore[union-attr]
+    assert clock.sleeps == [
+        pytest.approx(schedule.pause(0.3, 0.5)),
+        pytest.approx(schedule.pause(clock.sleeps[0] + 0.6, 0.5)),
+    ]
+
+
 def test_with_a_gate_callers_fail_fast_once_unreachable_for_a_deadline() -> None:
     clock, counters = Clock(), ConnectCounters()
     connect = gated(flaky([refused()] * 1000, clock), clock, counters)

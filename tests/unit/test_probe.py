@@ -343,3 +343,57 @@ def test_the_logins_seen_set_when_an_attempt_counts_as_held() -> None:
         gate.finished(world.clock.now + 0.005, None, world.clock.now, world.clock.now)
     assert gate.logins.held_after == pytest.approx(0.1)  # RFC 8305's floor
     assert gate.figures().hedged == 0
+
+
+def test_a_quick_close_by_a_proxy_is_probed_at_the_proxied_pace_until_fail_fast() -> None:
+    # HAProxy between a leader's fall and its successor's rise: the next connection may find a
+    # server any moment, and asking costs the database nothing
+    world = World(hedging=False)
+    error = OSError("server closed the connection unexpectedly")
+
+    def closed(after: float = 0.002) -> None:
+        now = world.clock.now
+        world.gate.finished(now, error, now, attempt_started=now - after, proxied=True)
+
+    assert world.enter() is Admission.GO
+    closed()
+    for _ in range(3):
+        assert world.enter() is Admission.GO
+        assert world.waits[-1] == pytest.approx(SCHEDULE.proxied)
+        closed()
+    closed(after=world.gate.logins.held_after)  # held first, then closed: the schedule's pause
+    assert world.gate.next_probe_in(world.clock.now) == pytest.approx(SCHEDULE.pause(0.15, 0.5))
+    world.clock.now += DEADLINE  # fail-fast opens: a long outage gets the schedule's pace
+    assert world.enter() is Admission.GO  # the due probe
+    assert world.gate.state == "failing_fast"
+    closed()
+    assert world.gate.next_probe_in(world.clock.now) == pytest.approx(SCHEDULE.last)
+
+
+def test_a_quick_refusal_keeps_the_schedules_pause() -> None:
+    # refused: nothing listens, the server itself is down (a fleet's attempts stay a few a second)
+    world = World(hedging=False)
+    now = world.clock.now
+    assert world.enter() is Admission.GO
+    refused = ConnectionRefusedError(111, "refused")
+    world.gate.finished(now, refused, now, attempt_started=now - 0.001)
+    assert world.gate.next_probe_in(now) == pytest.approx(SCHEDULE.pause(0.0, 0.5))
+
+
+def test_beside_attempts_held_by_a_proxy_that_closes_the_others_at_once_hedges_keep_its_pace() -> (
+    None
+):
+    # HAProxy holds the connections it routes to a server that is gone and closes the others at
+    # once: a new attempt goes beside the held ones every ProbeSchedule.proxied, not every
+    # held_after
+    world = World()
+    error = OSError("server closed the connection unexpectedly")
+    assert SCHEDULE.proxied < world.gate.logins.held_after
+    assert world.enter() is Admission.GO  # held by the proxy: never reported here
+    assert world.enter() is Admission.GO  # another (healthy: four at a time)...
+    now = world.clock.now
+    world.gate.finished(now, error, now, attempt_started=now - 0.002, proxied=True)  # ...closed
+    assert world.enter() is Admission.GO  # beside the held one, at the proxied pace
+    assert world.waits[-1] == pytest.approx(SCHEDULE.proxied)
+    assert world.enter() is Admission.GO
+    assert world.waits[-1] == pytest.approx(SCHEDULE.proxied)
