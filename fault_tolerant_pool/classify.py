@@ -130,13 +130,12 @@ TRANSIENT_CLASSES: dict[str, str] = {
 #: database server spoke, by SQLSTATE (a server's, or inferred from libpq's words) or, without
 #: one, by the driver's exception class: HAProxy or a cloud load balancer with no server to give
 #: it (libpq's "server closed the connection unexpectedly", asyncpg's ``ConnectionError``
-#: "unexpected connection_lost()", a reset), or PgBouncer's own error (08P01). A direct
-#: PostgreSQL refuses (nothing listening) or sends a message (57P03); it does not close a login
-#: unanswered.
+#: "unexpected connection_lost()", a reset). A direct PostgreSQL refuses (nothing listening) or
+#: sends a message (57P03); it does not close a login unanswered. PgBouncer's own errors (08P01)
+#: are not here: it authenticated the client before answering, which is work.
 CLOSED_BY_PROXY: frozenset[str] = frozenset(
     {
         "08006",  # connection_failure (libpq: closed unexpectedly, reset, no data)
-        "08P01",  # protocol_violation: PgBouncer's errors
         "ConnectionError",  # asyncpg: connection_lost() during the handshake
         "ConnectionResetError",
         "ConnectionAbortedError",

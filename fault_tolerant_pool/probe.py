@@ -90,17 +90,18 @@ class ProbeSchedule:
     hedge_limit: int = 24
     """Attempts presumed held that may be in flight beyond the limits above."""
     proxied: float = 0.05
-    """The pause (at most) after a quick failure where something accepted the connection and
+    """The pause (at most) after a failure where something accepted the connection and
     closed it before any database server spoke (see :func:`.classify.closed_by_proxy`): a
     proxy with no server to give it (HAProxy between a leader's fall and its successor's rise,
-    a cloud load balancer, PgBouncer's own error). The proxy may have a server for the next
-    connection at any moment (HAProxy checks every second or so), and asking costs the
-    database nothing, so until fail-fast opens the probe asks at this pace, as a stock pool's
-    callers would at once; and while other attempts are held (by the same proxy, routing them
-    to a server that is gone), another goes beside them no less often. A refused connection
-    (nothing listening: the server itself is down) and a server's own refusal (57P03, 53300)
-    get the growing pause above, which keeps a fleet's attempts on a down server to a few a
-    second."""
+    a cloud load balancer), once the same failure has also seen an attempt held (longer than
+    :attr:`.LoginTimes.held_after`: routed to a server that is gone, which the proxy retries).
+    Such a proxy is changing its routes: it may have a server for the next connection at any
+    moment (HAProxy checks every second or so), and asking costs the database nothing. So until
+    fail-fast opens the probe asks at this pace, as a stock pool's callers would at once, and
+    beside attempts still held another goes no less often. Closes alone (one server behind a
+    proxy, down: reset at once), a refused connection (nothing listening) and a server's own
+    refusal (57P03, 53300) get the growing pause above, which keeps a fleet's attempts on a
+    down server to a few a second."""
 
     def pause(self, age: float, draw: float) -> float:
         """Seconds from a failed probe to the next, ``age`` seconds into the failure;
@@ -109,7 +110,7 @@ class ProbeSchedule:
         return base * (1.0 + self.jitter * (2.0 * draw - 1.0))
 
     def proxied_pause(self, age: float, draw: float) -> float:
-        """:meth:`pause` after a quick failure closed by a proxy: :attr:`proxied` at most."""
+        """:meth:`pause` after a close by a proxy changing its routes: :attr:`proxied` at most."""
         base = min(self.proxied, self.last, self.first + (max(age, 0.0) / self.knee) ** 3)
         return base * (1.0 + self.jitter * (2.0 * draw - 1.0))
 
@@ -269,6 +270,7 @@ class Gate:
         self._last_go = float("-inf")  # when the newest attempt was admitted
         self._reached_at = float("-inf")  # when an attempt last reached the server
         self._proxied = False  # the last failure: a quick close by a proxy (ProbeSchedule.proxied)
+        self._held_in_failure = False  # an attempt was presumed held since the failure began
         self.outage_attempts = 0
         self.hedged = 0
         self.last_error: Exception | None = None
@@ -360,10 +362,10 @@ class Gate:
             elif attempt_started is not None and attempt_started < self._reached_at:
                 self._wake_free()  # stale: the server was reached after this attempt began
             else:
-                quick = attempt_started is not None and now - attempt_started < (
+                held = attempt_started is not None and now - attempt_started >= (
                     self.logins.held_after
                 )
-                self._failed(now, error, started, proxied and quick)
+                self._failed(now, error, started, proxied, held)
 
     def abandoned(self) -> None:
         """An attempt admitted with ``GO`` was cancelled: hand the probe on."""
@@ -456,6 +458,7 @@ class Gate:
 
     def _hedge(self, now: float) -> tuple[Admission, float]:
         """Admit an attempt beside those presumed held."""
+        self._held_in_failure = True
         self.hedged += 1
         logger.debug(
             "%d connect attempt(s) in flight for over %.3fs: another caller tries alongside",
@@ -513,7 +516,12 @@ class Gate:
         return "failing_fast"
 
     def _failed(
-        self, now: float, error: Exception, started: float, proxy_closed_quickly: bool = False
+        self,
+        now: float,
+        error: Exception,
+        started: float,
+        proxied: bool = False,
+        held: bool = False,
     ) -> None:
         if self._state in ("healthy", "recovering"):
             self._state = "failing"
@@ -525,7 +533,11 @@ class Gate:
         self.outage_attempts += 1
         self.last_error = error
         pause = self.schedule.pause
-        self._proxied = proxy_closed_quickly and self._state == "failing"
+        # A proxy that holds some attempts (routing them to a server that is gone) and closes
+        # others is changing its routes; closes alone (one server behind a proxy, down) keep
+        # the schedule's pause.
+        self._held_in_failure = self._held_in_failure or held
+        self._proxied = proxied and self._held_in_failure and self._state == "failing"
         if self._proxied:
             pause = self.schedule.proxied_pause  # the proxy may route the next one elsewhere
         self._next_probe_at = now + pause(now - self._failing_since, self.random())
@@ -533,7 +545,7 @@ class Gate:
 
     def _reached(self, now: float) -> None:
         self._reached_at = now
-        self._proxied = False
+        self._proxied = self._held_in_failure = False
         state = self._state
         if state == "healthy" and not self._waiters:
             return  # a connect that succeeds while all is well: no outage to end, none to wake

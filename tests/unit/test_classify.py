@@ -189,7 +189,7 @@ def test_a_connection_closed_under_the_first_round_trip_is_transient(message: st
 
 @pytest.mark.parametrize(
     "label, closed",
-    [("08006", True), ("08P01", True), ("ConnectionError", True), ("ConnectionResetError", True),
+    [("08006", True), ("08P01", False), ("ConnectionError", True), ("ConnectionResetError", True),
      ("08001", False), ("ConnectionRefusedError", False), ("57P03", False), ("53300", False),
      ("28P01", False), ("TimeoutError", False)],
 )  # fmt: skip

@@ -288,26 +288,44 @@ def closed_by_proxy() -> Exception:
     return error
 
 
-def test_with_a_gate_a_quick_close_by_a_proxy_is_probed_again_at_the_proxied_pace() -> None:
+def test_with_a_gate_quick_closes_alone_keep_the_schedule() -> None:
+    # one server behind a TCP proxy, down: the proxy resets every connection at once. Nothing
+    # was held, so nothing says the proxy is changing its routes: the schedule's pause
     clock, counters = Clock(), ConnectCounters()
-    connect = gated(flaky([closed_by_proxy()] * 3, clock), clock, counters)
+    connect = gated(flaky([closed_by_proxy()] * 2, clock), clock, counters)
     assert connect(None) == "connection"
     schedule = connect.gate.schedule  # type: ignore[union-attr]
-    assert clock.sleeps == [pytest.approx(schedule.proxied)] * 3
-    assert schedule.proxied < schedule.pause(0.0, 0.0)
+    assert clock.sleeps == [
+        pytest.approx(schedule.pause(0.001, 0.5)),
+        pytest.approx(schedule.pause(clock.sleeps[0] + 0.002, 0.5)),
+    ]
 
 
-def test_with_a_gate_a_slow_close_by_a_proxy_waits_the_schedule() -> None:
-    # closed after longer than a login is presumed to take (held, then closed): the hedging
-    # covers held attempts, the pause stays the schedule's
+def test_with_a_gate_a_close_by_a_proxy_tells_the_gate_so() -> None:
+    clock, counters = Clock(), ConnectCounters()
+    told: list[bool] = []
+    connect = gated(flaky([closed_by_proxy(), refused()], clock), clock, counters)
+    gate: Any = connect.gate
+    finished = gate.finished
+
+    def spy(now: float, error: Any, *args: Any) -> None:
+        if error is not None:
+            told.append(args[-1])
+        finished(now, error, *args)
+
+    gate.finished = spy
+    assert connect(None) == "connection"
+    assert told == [True, False]
+
+
+def test_with_a_gate_closes_by_a_proxy_that_held_an_attempt_are_asked_at_its_pace() -> None:
+    # held longer than a login is presumed to take, then closed (HAProxy retrying a server that
+    # is gone, then giving up): a proxy changing its routes, asked every ProbeSchedule.proxied
     clock, counters = Clock(), ConnectCounters()
     connect = gated(flaky([closed_by_proxy()] * 2, clock, cost=0.3), clock, counters)
     assert connect(None) == "connection"
     schedule = connect.gate.schedule  # type: ignore[union-attr]
-    assert clock.sleeps == [
-        pytest.approx(schedule.pause(0.3, 0.5)),
-        pytest.approx(schedule.pause(clock.sleeps[0] + 0.6, 0.5)),
-    ]
+    assert clock.sleeps == [pytest.approx(schedule.proxied)] * 2
 
 
 def test_with_a_gate_callers_fail_fast_once_unreachable_for_a_deadline() -> None:

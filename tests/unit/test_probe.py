@@ -345,10 +345,11 @@ def test_the_logins_seen_set_when_an_attempt_counts_as_held() -> None:
     assert gate.figures().hedged == 0
 
 
-def test_a_quick_close_by_a_proxy_is_probed_at_the_proxied_pace_until_fail_fast() -> None:
-    # HAProxy between a leader's fall and its successor's rise: the next connection may find a
-    # server any moment, and asking costs the database nothing
-    world = World(hedging=False)
+def test_a_proxy_that_held_one_attempt_and_closes_the_next_is_asked_at_its_pace() -> None:
+    # HAProxy between a leader's fall and its successor's rise: it held an attempt (routed to the
+    # old leader, refused, retried) and closes the next ones at once (no server up). The next
+    # connection may find a server any moment, and asking costs the database nothing
+    world = World()
     error = OSError("server closed the connection unexpectedly")
 
     def closed(after: float = 0.002) -> None:
@@ -356,18 +357,28 @@ def test_a_quick_close_by_a_proxy_is_probed_at_the_proxied_pace_until_fail_fast(
         world.gate.finished(now, error, now, attempt_started=now - after, proxied=True)
 
     assert world.enter() is Admission.GO
+    closed()  # a quick close alone: the schedule's pause
+    assert world.gate.next_probe_in(world.clock.now) == pytest.approx(SCHEDULE.pause(0.0, 0.5))
+    assert world.enter() is Admission.GO  # the probe: held by the proxy, never reported here
+    assert world.enter() is Admission.GO  # beside it once presumed held
+    assert world.gate.hedged == 1
     closed()
-    for _ in range(3):
+    assert world.gate.next_probe_in(world.clock.now) == pytest.approx(SCHEDULE.proxied)
+    for _ in range(3):  # beside the held probe, at the proxy's pace
         assert world.enter() is Admission.GO
         assert world.waits[-1] == pytest.approx(SCHEDULE.proxied)
         closed()
-    closed(after=world.gate.logins.held_after)  # held first, then closed: the schedule's pause
-    assert world.gate.next_probe_in(world.clock.now) == pytest.approx(SCHEDULE.pause(0.15, 0.5))
+    closed(after=world.gate.logins.held_after)  # held, then closed: the proxy's pace too
+    assert world.gate.next_probe_in(world.clock.now) == pytest.approx(SCHEDULE.proxied)
     world.clock.now += DEADLINE  # fail-fast opens: a long outage gets the schedule's pace
-    assert world.enter() is Admission.GO  # the due probe
+    assert world.enter() is Admission.GO
     assert world.gate.state == "failing_fast"
     closed()
     assert world.gate.next_probe_in(world.clock.now) == pytest.approx(SCHEDULE.last)
+    world.succeed()
+    assert world.enter() is Admission.GO  # a new failure starts without the held evidence
+    closed()
+    assert world.gate.next_probe_in(world.clock.now) > SCHEDULE.proxied
 
 
 def test_a_quick_refusal_keeps_the_schedules_pause() -> None:
@@ -378,22 +389,3 @@ def test_a_quick_refusal_keeps_the_schedules_pause() -> None:
     refused = ConnectionRefusedError(111, "refused")
     world.gate.finished(now, refused, now, attempt_started=now - 0.001)
     assert world.gate.next_probe_in(now) == pytest.approx(SCHEDULE.pause(0.0, 0.5))
-
-
-def test_beside_attempts_held_by_a_proxy_that_closes_the_others_at_once_hedges_keep_its_pace() -> (
-    None
-):
-    # HAProxy holds the connections it routes to a server that is gone and closes the others at
-    # once: a new attempt goes beside the held ones every ProbeSchedule.proxied, not every
-    # held_after
-    world = World()
-    error = OSError("server closed the connection unexpectedly")
-    assert SCHEDULE.proxied < world.gate.logins.held_after
-    assert world.enter() is Admission.GO  # held by the proxy: never reported here
-    assert world.enter() is Admission.GO  # another (healthy: four at a time)...
-    now = world.clock.now
-    world.gate.finished(now, error, now, attempt_started=now - 0.002, proxied=True)  # ...closed
-    assert world.enter() is Admission.GO  # beside the held one, at the proxied pace
-    assert world.waits[-1] == pytest.approx(SCHEDULE.proxied)
-    assert world.enter() is Admission.GO
-    assert world.waits[-1] == pytest.approx(SCHEDULE.proxied)
