@@ -20,8 +20,10 @@ The :class:`Gate` keeps one state per pool:
 An attempt in flight for longer than a login normally takes here (:mod:`.hedge`) is presumed
 held by a proxy that accepted it and has no server to give it: it no longer counts against those
 limits, and a waiting caller tries alongside it (at most :attr:`ProbeSchedule.hedge_limit` more,
-paced like probes while failing fast). A failure of an attempt that began before the server was last
-reached is stale news and changes no state.
+paced like probes while failing fast). A failure that has seen an attempt held and a close
+before any server spoke is a proxy changing its routes (HAProxy during a failover): until
+fail-fast the probe asks it every :attr:`ProbeSchedule.proxied`. A failure of an attempt that
+began before the server was last reached is stale news and changes no state.
 
 A caller that gives up (its deadline, a cancellation) hands on whatever it was woken for, so no
 waiter is stranded. Waiting is a :class:`Waiter`: a ``threading.Event`` for sync engines, an
@@ -107,11 +109,14 @@ class ProbeSchedule:
         """Seconds from a failed probe to the next, ``age`` seconds into the failure;
         ``draw`` is a uniform random number in ``[0, 1)``."""
         base = min(self.last, self.first + (max(age, 0.0) / self.knee) ** 3)
-        return base * (1.0 + self.jitter * (2.0 * draw - 1.0))
+        return self._jittered(base, draw)
 
     def proxied_pause(self, age: float, draw: float) -> float:
-        """:meth:`pause` after a close by a proxy changing its routes: :attr:`proxied` at most."""
-        base = min(self.proxied, self.last, self.first + (max(age, 0.0) / self.knee) ** 3)
+        """:meth:`pause` after a close by a proxy changing its routes: :attr:`proxied` at most
+        (jittered alike)."""
+        return min(self.pause(age, draw), self._jittered(self.proxied, draw))
+
+    def _jittered(self, base: float, draw: float) -> float:
         return base * (1.0 + self.jitter * (2.0 * draw - 1.0))
 
 
@@ -269,7 +274,7 @@ class Gate:
         self._next_probe_at = 0.0
         self._last_go = float("-inf")  # when the newest attempt was admitted
         self._reached_at = float("-inf")  # when an attempt last reached the server
-        self._proxied = False  # the last failure: a quick close by a proxy (ProbeSchedule.proxied)
+        self._proxied = False  # the last failure: a close by a proxy changing its routes
         self._held_in_failure = False  # an attempt was presumed held since the failure began
         self.outage_attempts = 0
         self.hedged = 0
